@@ -1,0 +1,32 @@
+"""liftcam-jax: class activation maps for CNN classifiers in JAX, with LIFT-CAM at the core.
+
+LIFT-CAM (Jung & Oh, ICCV 2021, arXiv 2102.05228) estimates the SHAP values of a
+CNN's activation maps with DeepLIFT on the network's head, at the cost of
+about one forward pass. The library is a set of pure functions of a model split
+into ``features(params, x)`` and ``head(params, A)``.
+"""
+from . import methods, rescale
+from .explain import explain, explainer
+from .explanation import Attribution, Explanation, assemble
+from .methods.lift_cam import lift_cam_coefficients
+from .model import Classifier, Preprocess, Split
+from .rescale import NoRescaleRule, deeplift, linearize
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Attribution",
+    "Classifier",
+    "Explanation",
+    "NoRescaleRule",
+    "Preprocess",
+    "Split",
+    "assemble",
+    "deeplift",
+    "explain",
+    "explainer",
+    "lift_cam_coefficients",
+    "linearize",
+    "methods",
+    "rescale",
+]

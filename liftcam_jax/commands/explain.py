@@ -1,0 +1,10 @@
+"""explain: not built yet."""
+from ..errors import UsageError
+
+
+def add_arguments(parser):
+    pass
+
+
+def run(args, zoo):
+    raise UsageError("'explain' is not available yet")

@@ -1,0 +1,145 @@
+r"""The one explanation object and the one map assembly shared by every method.
+
+A CAM method returns channel weights ``w`` (``(B, K)``, or ``(B, h, w, K)`` for
+methods that weight each position); the map is assembled the same way for all::
+
+    raw  = ReLU( sum_k w_k * A^k + bias )             # (B, h, w), feature resolution
+    up   = bilinear upsample of raw to the input size  # half-pixel centres
+    map  = (up - min(up)) / (max(up) - min(up))        # per image; a constant map -> 0
+
+(Zhou et al., CVPR 2016, "Learning Deep Features for Discriminative
+Localization"; Selvaraju et al., ICCV 2017, Grad-CAM; Jung & Oh, ICCV 2021,
+LIFT-CAM.) Bilinear upsampling with half-pixel centres is PyTorch's
+``F.interpolate(mode="bilinear", align_corners=False)`` and OpenCV's
+``cv2.resize(INTER_LINEAR)``, which the reference implementations use.
+"""
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+
+Array = Any
+
+
+class Explanation(NamedTuple):
+    """What every method returns, for a batch of ``B`` images.
+
+    Attributes:
+      maps: ``(B, H, W)`` normalised saliency in [0, 1] at the input resolution.
+      raw: ``(B, h, w)`` the map before upsampling and normalisation.
+      coefficients: ``(B, K)`` channel coefficients (for LIFT-CAM, the DeepLIFT
+        estimates of the activation maps' SHAP values); for methods that weight
+        each position, the spatial sum of ``w * A`` per channel.
+      logits: ``(B, C)`` the model's logits.
+      targets: ``(B,)`` the explained class per image.
+      reference_logits: ``(B, C)`` the head's logits at the reference
+        activations (LIFT-CAM: ``y(0)``), or ``None`` for methods without one.
+    """
+
+    maps: Array
+    raw: Array
+    coefficients: Array
+    logits: Array
+    targets: Array
+    reference_logits: Optional[Array] = None
+
+
+class Attribution(NamedTuple):
+    """What a method computes before assembly.
+
+    Attributes:
+      weights: ``(B, K)`` channel weights or ``(B, h, w, K)`` per-position weights.
+      coefficients: ``(B, K)`` to report; defaults to ``weights`` when 2-D, else
+        the spatial sum of ``weights * A``.
+      reference_logits: ``(B, C)`` or ``None``.
+      bias: ``(B,)`` added to the weighted sum before the ReLU, or ``None``.
+      relu: whether the assembled map is rectified (a Python bool).
+    """
+
+    weights: Array
+    coefficients: Optional[Array] = None
+    reference_logits: Optional[Array] = None
+    bias: Optional[Array] = None
+    relu: bool = True
+
+
+def weighted_sum(activations: Array, weights: Array, bias: Optional[Array] = None) -> Array:
+    """``sum_k w_k A^k`` (+ bias) for channel or per-position weights -> ``(B, h, w)``."""
+    if weights.ndim == 2:
+        raw = jnp.einsum("bhwk,bk->bhw", activations, weights.astype(activations.dtype))
+    else:
+        raw = jnp.sum(activations * weights.astype(activations.dtype), axis=-1)
+    if bias is not None:
+        raw = raw + jnp.reshape(bias, (-1, 1, 1))
+    return raw
+
+
+def upsample(raw: Array, size) -> Array:
+    """Bilinear ``(B, h, w) -> (B, H, W)`` with half-pixel centres (``align_corners=False``)."""
+    h, w = int(size[0]), int(size[1])
+    if raw.shape[1:] == (h, w):
+        return raw
+    return jax.image.resize(raw, (raw.shape[0], h, w), method="bilinear", antialias=False)
+
+
+def normalize(maps: Array) -> Array:
+    """Per-image min-max to [0, 1]; a constant map becomes all zeros."""
+    lo = jnp.min(maps, axis=(1, 2), keepdims=True)
+    hi = jnp.max(maps, axis=(1, 2), keepdims=True)
+    span = hi - lo
+    return jnp.where(span > 0, (maps - lo) / jnp.where(span > 0, span, 1.0), 0.0)
+
+
+def assemble(activations: Array, weights: Array, size, *, bias: Optional[Array] = None, relu: bool = True):
+    """The shared map assembly: ``(maps, raw)`` from activations and weights.
+
+    Args:
+      activations: ``(B, h, w, K)``.
+      weights: ``(B, K)`` or ``(B, h, w, K)``.
+      size: ``(H, W)`` of the input.
+    """
+    raw = weighted_sum(activations, weights, bias)
+    if relu:
+        raw = jax.nn.relu(raw)
+    return normalize(upsample(raw, size)), raw
+
+
+def resolve_targets(targets, logits: Array) -> Array:
+    """``None`` -> predicted class; an int -> that class for every image; else ``(B,)``.
+
+    Concrete targets are checked against the number of classes (``ValueError``).
+    """
+    batch, classes = logits.shape[0], logits.shape[-1]
+    if targets is None:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    try:
+        import numpy as np
+
+        concrete = np.asarray(targets)
+    except Exception:  # a tracer: trust it
+        concrete = None
+    if concrete is not None:
+        if concrete.dtype.kind not in "iu":
+            raise ValueError(f"targets must be integers, got {concrete.dtype}")
+        if concrete.size and (concrete.min() < 0 or concrete.max() >= classes):
+            raise ValueError(
+                f"target index {int(concrete.max() if concrete.max() >= classes else concrete.min())} "
+                f"out of range for {classes} classes"
+            )
+        if concrete.ndim not in (0, 1) or (concrete.ndim == 1 and concrete.shape[0] != batch):
+            raise ValueError(f"targets must be one int or one per image ({batch}), got shape {concrete.shape}")
+    return jnp.broadcast_to(jnp.asarray(targets, jnp.int32), (batch,))
+
+
+def from_attribution(activations: Array, att: Attribution, size, logits: Array, targets: Array) -> Explanation:
+    """Assemble an :class:`Explanation` from a method's :class:`Attribution`."""
+    maps, raw = assemble(activations, att.weights, size, bias=att.bias, relu=att.relu)
+    coeffs = att.coefficients
+    if coeffs is None:
+        if att.weights.ndim == 2:
+            coeffs = att.weights
+        else:
+            coeffs = jnp.sum(att.weights * activations, axis=(1, 2))
+    return Explanation(maps, raw, coeffs, logits, targets, att.reference_logits)

@@ -1,0 +1,109 @@
+r"""LIFT-CAM and its DeepSHAP generalisation, DeepLIFT-SHAP-CAM.
+
+LIFT-CAM (Jung & Oh, "Towards Better Explanations of Class Activation
+Mapping", ICCV 2021, arXiv 2102.05228). With activations ``A = features(x)``
+(``K`` maps) and ``y_c = head(A)_c``, the paper's linear explanation model
+over the presence of each map makes the maps' SHAP values the right CAM
+coefficients. LIFT-CAM estimates them with DeepLIFT's rescale rule on the head,
+with the all-zero activations as the reference:
+
+.. math::
+    \phi_k = \sum_{i,j} m_{ijk} \, (A_{ijk} - 0), \qquad
+    \text{map} = \mathrm{ReLU}\Big(\sum_k \phi_k A^k\Big),
+
+where ``m`` are the DeepLIFT multipliers of ``y_c`` with respect to ``A``
+(:mod:`liftcam_jax.rescale`). Summation-to-delta gives
+:math:`\sum_k \phi_k = y_c(A) - y_c(0)`. For a head ``GAP -> Linear`` this
+is exactly :math:`\phi_k = w_{ck}\,\mathrm{mean}(A^k)`.
+
+DeepLIFT-SHAP-CAM averages the same estimate over several reference
+activation tensors :math:`A^{(r)}` (Lundberg & Lee, NeurIPS 2017, DeepSHAP):
+:math:`\phi_k = \frac1R \sum_r \sum_{ij} m^{(r)}_{ijk}(A_{ijk} - A^{(r)}_{ijk})`,
+so that :math:`\sum_k \phi_k = y_c(A) - \frac1R\sum_r y_c(A^{(r)})`.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+
+from .. import rescale
+from ..explanation import Attribution
+from ..image import gaussian_blur
+from .registry import register
+
+
+def lift_cam_coefficients(head, params, activations, targets, reference=None, *, eps=rescale.DEFAULT_EPS):
+    """LIFT-CAM coefficients ``phi`` for one or several targets per image.
+
+    Args:
+      head: ``head(params, A) -> (B, C)``.
+      activations: ``A``, ``(B, h, w, K)``.
+      targets: ``(B,)`` ints, or ``(T, B)`` for ``T`` targets per image.
+      reference: reference activations broadcastable to ``A`` (default zeros).
+
+    Returns:
+      ``(phi, logits, reference_logits)``: ``phi`` is ``(B, K)`` (or ``(T, B, K)``).
+    """
+    a = activations
+    ref = jnp.zeros_like(a) if reference is None else jnp.broadcast_to(jnp.asarray(reference, a.dtype), a.shape)
+    lin = rescale.linearize(lambda z: head(params, z), a, ref, eps=eps)
+    targets = jnp.asarray(targets, jnp.int32)
+    classes = lin.out.shape[-1]
+    delta = a - ref
+
+    def coeffs(t):
+        m = lin.transpose(jax.nn.one_hot(t, classes, dtype=lin.out.dtype))
+        return jnp.sum(m * delta, axis=(1, 2))
+
+    phi = coeffs(targets) if targets.ndim == 1 else jax.vmap(coeffs)(targets)
+    return phi, lin.out, lin.out_ref
+
+
+@register("lift-cam", summary="LIFT-CAM: DeepLIFT (rescale rule) on the head, zero reference (Jung & Oh, ICCV 2021)")
+def lift_cam(split, params, x, activations, targets, logits, *, key=None, reference=None, eps=rescale.DEFAULT_EPS):
+    """LIFT-CAM: DeepLIFT estimates of the activation maps' SHAP values (Jung & Oh, ICCV 2021)."""
+    del x, logits, key
+    phi, _, ref_logits = lift_cam_coefficients(split.head, params, activations, targets, reference, eps=eps)
+    return Attribution(phi, reference_logits=ref_logits)
+
+
+DEFAULT_BLUR_SIGMAS = (5.0, 10.0, 20.0)
+
+
+def blurred_references(split, params, x, sigmas: Sequence[float] = DEFAULT_BLUR_SIGMAS, *, include_zero: bool = True):
+    """Reference activations ``(R, B, h, w, K)``: zeros and the features of blurred copies of ``x``."""
+    refs = [split.features(params, gaussian_blur(x, s)) for s in sigmas]
+    if include_zero:
+        refs = [jnp.zeros_like(refs[0])] + refs
+    return jnp.stack(refs)
+
+
+@register(
+    "deeplift-shap-cam",
+    summary="DeepLIFT-SHAP-CAM: LIFT-CAM averaged over several reference activations (DeepSHAP)",
+)
+def deeplift_shap_cam(split, params, x, activations, targets, logits, *, key=None, references=None,
+                      sigmas: Sequence[float] = DEFAULT_BLUR_SIGMAS, eps=rescale.DEFAULT_EPS):
+    """DeepLIFT-SHAP-CAM: LIFT-CAM averaged over reference activations (Lundberg & Lee, NeurIPS 2017).
+
+    ``references``: ``(R, B, h, w, K)`` or ``(R, h, w, K)`` reference activations
+    (e.g. the activations of a background set). Default: the zero reference and
+    the activations of Gaussian-blurred copies of each image (``sigmas`` pixels).
+    ``reference_logits`` is the mean of the head over the references.
+    """
+    del logits, key
+    if references is None:
+        references = blurred_references(split, params, x, sigmas)
+    references = jnp.asarray(references, activations.dtype)
+    if references.ndim == activations.ndim:  # (R, h, w, K): shared by the batch
+        references = references[:, None]
+    references = jnp.broadcast_to(references, (references.shape[0],) + activations.shape)
+
+    def one(ref):
+        phi, _, ref_logits = lift_cam_coefficients(split.head, params, activations, targets, ref, eps=eps)
+        return phi, ref_logits
+
+    phis, ref_logits = jax.lax.map(one, references)
+    return Attribution(jnp.mean(phis, axis=0), reference_logits=jnp.mean(ref_logits, axis=0))

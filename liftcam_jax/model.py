@@ -1,0 +1,119 @@
+"""What the library needs to know about a classifier: a split and a preprocessing.
+
+A CNN classifier ``f`` is split at a stage boundary into two pure functions::
+
+    A = features(params, x)        # (B, h, w, K) activation maps
+    y = head(params, A)            # (B, C) logits,   y = f(x)
+
+Every method in ``liftcam_jax`` is a function of these two (and of the
+parameters, which are always arguments, never constants baked into a compiled
+program). Any model zoo can provide them; ``models`` (the Flax zoo shipped
+beside this library) is one. The library never imports a zoo.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, NamedTuple, Optional, Sequence
+
+import numpy as np
+
+Params = Any
+Array = Any
+
+
+class Split(NamedTuple):
+    """A classifier cut in two at a named stage: ``head(p, features(p, x)) == f(p, x)``."""
+
+    features: Callable[[Params, Array], Array]
+    head: Callable[[Params, Array], Array]
+
+    def __call__(self, params: Params, x: Array) -> Array:
+        return self.head(params, self.features(params, x))
+
+
+@dataclasses.dataclass(frozen=True)
+class Preprocess:
+    """How a model wants its images: resizing policy and normalisation.
+
+    ``resize``:
+      * ``"squash"``: the whole image resized to ``size x size`` (aspect ratio not kept).
+      * ``"shorter_crop"``: shorter side resized to ``resize_to``, then a central
+        ``size x size`` crop (torchvision's ``Resize(256) + CenterCrop(224)``).
+    Pixel values are scaled to [0, 1], then ``(v - mean) / std`` per channel.
+    """
+
+    size: int = 224
+    resize: str = "shorter_crop"
+    resize_to: int = 256
+    interpolation: str = "bilinear"
+    mean: tuple = (0.485, 0.456, 0.406)
+    std: tuple = (0.229, 0.224, 0.225)
+
+    def resize_image(self, image: np.ndarray) -> np.ndarray:
+        """uint8 (H, W, 3) -> uint8 (size, size, 3), the geometry the model sees."""
+        from PIL import Image
+
+        resample = {
+            "bilinear": Image.BILINEAR,
+            "bicubic": Image.BICUBIC,
+            "nearest": Image.NEAREST,
+        }[self.interpolation]
+        img = Image.fromarray(np.asarray(image, dtype=np.uint8))
+        if self.resize == "squash":
+            img = img.resize((self.size, self.size), resample)
+        elif self.resize == "shorter_crop":
+            w, h = img.size
+            if w <= h:
+                nw, nh = self.resize_to, int(self.resize_to * h / w)
+            else:
+                nw, nh = int(self.resize_to * w / h), self.resize_to
+            img = img.resize((nw, nh), resample)
+            left = int(round((nw - self.size) / 2.0))
+            top = int(round((nh - self.size) / 2.0))
+            img = img.crop((left, top, left + self.size, top + self.size))
+        else:
+            raise ValueError(f"unknown resize policy {self.resize!r} (use 'squash' or 'shorter_crop')")
+        return np.asarray(img, dtype=np.uint8)
+
+    def normalize(self, image: np.ndarray) -> np.ndarray:
+        """uint8 (..., 3) -> float32 normalised model input."""
+        x = np.asarray(image, dtype=np.float32) / 255.0
+        return (x - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
+
+    def __call__(self, image: np.ndarray) -> np.ndarray:
+        """uint8 RGB (H, W, 3) of any size -> float32 (size, size, 3) model input."""
+        return self.normalize(self.resize_image(image))
+
+    def denormalize(self, x: np.ndarray) -> np.ndarray:
+        """Model input -> uint8 RGB, for drawing overlays on what the model saw."""
+        v = np.asarray(x, np.float32) * np.asarray(self.std, np.float32) + np.asarray(self.mean, np.float32)
+        return np.clip(np.round(v * 255.0), 0, 255).astype(np.uint8)
+
+
+@dataclasses.dataclass(frozen=True)
+class Classifier:
+    """A loaded classifier, ready to explain: split, parameters, preprocessing."""
+
+    name: str
+    split: Split
+    params: Params
+    preprocess: Preprocess
+    layer: str
+    class_names: Optional[Sequence[str]] = None
+    layers: Sequence[str] = ()
+
+    @property
+    def features(self):
+        return self.split.features
+
+    @property
+    def head(self):
+        return self.split.head
+
+    def logits(self, x):
+        return self.split(self.params, x)
+
+    def class_name(self, index: int) -> str:
+        if self.class_names is not None and 0 <= int(index) < len(self.class_names):
+            return str(self.class_names[int(index)])
+        return f"class {int(index)}"
