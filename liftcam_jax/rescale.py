@@ -55,6 +55,7 @@ __all__ = [
     "Linearized",
     "linearize",
     "multipliers",
+    "nonlinear_primitives",
     "DeepLift",
     "deeplift",
     "DEFAULT_EPS",
@@ -66,6 +67,11 @@ DEFAULT_EPS = 1e-10
 
 class NoRescaleRule(NotImplementedError):
     """Raised when an input-dependent primitive has no DeepLIFT rule."""
+
+
+class _Ctx(NamedTuple):
+    eps: float
+    nonlinear: list  # names of the non-affine primitives met, in order
 
 
 class _Pair(NamedTuple):
@@ -187,7 +193,7 @@ def _body_is_elementwise(jaxpr) -> bool:
 # the input-dependent operands (in operand order) to the outputs' tangents.
 # ---------------------------------------------------------------------------
 
-def _linear_rule(eqn, ins, dep_idx, eps):
+def _linear_rule(eqn, ins, dep_idx, ctx):
     f = _eqn_fn(eqn, ins, dep_idx)
     vals, lin = jax.linearize(f, *[ins[i].val for i in dep_idx])
     refs = f(*[ins[i].ref for i in dep_idx])
@@ -204,7 +210,7 @@ def _secant(g, u: _Pair, eps):
     return val, ref, jax.lax.stop_gradient(slope)
 
 
-def _elementwise_rule(eqn, ins, dep_idx, eps):
+def _elementwise_rule(eqn, ins, dep_idx, ctx):
     (i,) = dep_idx
     out_shape = eqn.outvars[0].aval.shape
     u = ins[i]
@@ -214,11 +220,12 @@ def _elementwise_rule(eqn, ins, dep_idx, eps):
     else:
         expand = lambda t: t
     base = _eqn_fn(eqn, ins, dep_idx)
-    val, ref, slope = _secant(lambda x: base(x)[0], u, eps)
+    val, ref, slope = _secant(lambda x: base(x)[0], u, ctx.eps)
+    ctx.nonlinear.append(eqn.primitive.name)
     return [_Pair(val, ref)], lambda t: [slope * expand(t)]
 
 
-def _chooser_rule(eqn, ins, dep_idx, eps):
+def _chooser_rule(eqn, ins, dep_idx, ctx):
     if dep_idx != [0] or len(ins) != 1:
         raise NoRescaleRule(f"no DeepLIFT rule for {eqn.primitive.name!r} with these operands")
     cross = _CHOOSERS[eqn.primitive.name]
@@ -227,7 +234,8 @@ def _chooser_rule(eqn, ins, dep_idx, eps):
     val, sel_a = jax.linearize(f, x.val)
     ref, sel_r = jax.linearize(f, x.ref)
     dx = x.val - x.ref
-    small = _where_small(dx, eps)
+    small = _where_small(dx, ctx.eps)
+    ctx.nonlinear.append(eqn.primitive.name)
     inv = jnp.where(small, 0.0, 1.0 / jnp.where(small, 1.0, dx))
     fallback = small.astype(dx.dtype)
     c = cross(val, ref)
@@ -242,14 +250,14 @@ def _chooser_rule(eqn, ins, dep_idx, eps):
     return [_Pair(val, ref)], tangent
 
 
-def _call_rule(eqn, ins, dep_idx, eps):
+def _call_rule(eqn, ins, dep_idx, ctx):
     sub = _sub_jaxpr(eqn.params)
     if sub is None:
         raise NoRescaleRule(f"cannot look inside call primitive {eqn.primitive.name!r}")
     jaxpr, consts = sub
     nconsts = len(ins) - len(jaxpr.invars)
     args = ins[nconsts:] if nconsts > 0 else ins
-    outs, program = _interpret(jaxpr, consts, args, eps)
+    outs, program = _interpret(jaxpr, consts, args, ctx)
     shift = max(nconsts, 0)
     sub_dep = [i - shift for i in dep_idx]
     if any(i < 0 for i in sub_dep):
@@ -261,7 +269,15 @@ def _call_rule(eqn, ins, dep_idx, eps):
     return outs, tangent
 
 
-def _custom_jvp_rule(eqn, ins, dep_idx, eps):
+def _custom_name(eqn, jaxpr) -> str:
+    """``custom_jvp_call`` names its function in the inner ``jit`` (``relu``, ``relu6``)."""
+    for e in jaxpr.eqns:
+        if "name" in e.params:
+            return f"custom_jvp_call[{e.params['name']}]"
+    return "custom_jvp_call"
+
+
+def _custom_jvp_rule(eqn, ins, dep_idx, ctx):
     jaxpr, consts = _sub_jaxpr(eqn.params)
     out_avals = [v.aval for v in eqn.outvars]
     if (
@@ -273,9 +289,10 @@ def _custom_jvp_rule(eqn, ins, dep_idx, eps):
         # One elementwise function (relu, relu6, softplus...): its own secant
         # slope, and its own derivative (the custom rule) as the fallback.
         base = _eqn_fn(eqn, ins, dep_idx)
-        val, ref, slope = _secant(lambda x: base(x)[0], ins[dep_idx[0]], eps)
+        val, ref, slope = _secant(lambda x: base(x)[0], ins[dep_idx[0]], ctx.eps)
+        ctx.nonlinear.append(_custom_name(eqn, jaxpr))
         return [_Pair(val, ref)], lambda t: [slope * t]
-    return _call_rule(eqn, ins, dep_idx, eps)
+    return _call_rule(eqn, ins, dep_idx, ctx)
 
 
 def _rule_for(eqn, ins, dep_idx):
@@ -321,7 +338,7 @@ def _rule_for(eqn, ins, dep_idx):
 # the interpreter
 # ---------------------------------------------------------------------------
 
-def _interpret(jaxpr, consts, args, eps):
+def _interpret(jaxpr, consts, args, ctx):
     """Evaluate ``jaxpr`` on constants and ``_Pair``s.
 
     Returns the outputs (``_Pair`` where input-dependent) and the tangent
@@ -352,7 +369,7 @@ def _interpret(jaxpr, consts, args, eps):
                         f"{jnp.result_type(ins[i].val)} value; DeepLIFT needs real-valued paths"
                     )
             rule = _rule_for(eqn, ins, dep_idx)
-            outs, tangent = rule(eqn, ins, dep_idx, eps)
+            outs, tangent = rule(eqn, ins, dep_idx, ctx)
             for o, v in zip(outs, eqn.outvars):
                 if isinstance(o, _Pair) and not _is_float(o.val) and not isinstance(v, jcore.DropVar):
                     raise NoRescaleRule(
@@ -401,6 +418,7 @@ class Linearized(NamedTuple):
     out_ref: Any
     linear: Callable[[Any], Any]
     transpose: Callable[[Any], Any]
+    nonlinear: tuple = ()
 
 
 def linearize(fun: Callable, x, x_ref, *, eps: float = DEFAULT_EPS) -> Linearized:
@@ -416,7 +434,8 @@ def linearize(fun: Callable, x, x_ref, *, eps: float = DEFAULT_EPS) -> Linearize
 
     Returns:
       A :class:`Linearized` with the outputs at both points, the linear map and
-      its transpose (built with ``jax.linear_transpose``).
+      its transpose (built with ``jax.linear_transpose``), and the names of the
+    nonlinear operations met (``()`` for an affine ``fun``).
     """
     flat_x, tree = jax.tree_util.tree_flatten(x)
     flat_r, tree_r = jax.tree_util.tree_flatten(x_ref)
@@ -437,8 +456,9 @@ def linearize(fun: Callable, x, x_ref, *, eps: float = DEFAULT_EPS) -> Linearize
 
     closed = jax.make_jaxpr(flat_fun)(*flat_x)
     otree = out_tree[-1]
+    ctx = _Ctx(eps, [])
     outs, program = _interpret(
-        closed.jaxpr, closed.consts, [_Pair(a, r) for a, r in zip(flat_x, flat_r)], eps
+        closed.jaxpr, closed.consts, [_Pair(a, r) for a, r in zip(flat_x, flat_r)], ctx
     )
     vals = [o.val if isinstance(o, _Pair) else o for o in outs]
     refs = [o.ref if isinstance(o, _Pair) else o for o in outs]
@@ -460,7 +480,19 @@ def linearize(fun: Callable, x, x_ref, *, eps: float = DEFAULT_EPS) -> Linearize
         jax.tree_util.tree_unflatten(otree, refs),
         linear,
         transpose,
+        tuple(ctx.nonlinear),
     )
+
+
+def nonlinear_primitives(fun: Callable, x) -> tuple:
+    """Names of the non-affine operations ``fun`` applies to ``x`` (in order).
+
+    Empty exactly when ``fun`` is affine in ``x`` (e.g. a ``GAP -> Linear``
+    head), which is what CAM requires. Raises :class:`NoRescaleRule` for an
+    operation that has no DeepLIFT rule at all.
+    """
+    x = jax.tree_util.tree_map(jnp.asarray, x)
+    return linearize(fun, x, x).nonlinear
 
 
 def multipliers(fun: Callable, x, x_ref, cotangent, *, eps: float = DEFAULT_EPS):
