@@ -1,0 +1,87 @@
+"""Colormaps, overlays, grids and PNG files of liftcam_jax.viz."""
+import numpy as np
+import pytest
+from PIL import Image
+
+from liftcam_jax import viz
+
+
+@pytest.mark.parametrize("name", viz.CMAPS)
+def test_colorize_matches_matplotlib(name):
+    mpl = pytest.importorskip("matplotlib")
+    x = np.concatenate([np.linspace(0, 1, 2049), [0.0, 1.0, 0.5, 1 / 256, 255 / 256, 0.99999]])
+    ours = viz.colorize(x, name)
+    ref = mpl.colormaps[name](x, bytes=True)[..., :3]
+    np.testing.assert_array_equal(ours, ref)
+
+
+def test_colorize_closed_form_jet_endpoints_and_clipping():
+    # jet: 0 -> dark blue (0, 0, 127), 1 -> dark red (127, 0, 0), 0.5 -> near green
+    out = viz.colorize(np.array([0.0, 1.0, -3.0, 7.0, np.nan]), "jet")
+    np.testing.assert_array_equal(out[0], [0, 0, 127])
+    np.testing.assert_array_equal(out[1], [127, 0, 0])
+    np.testing.assert_array_equal(out[2], out[0])  # clipped
+    np.testing.assert_array_equal(out[3], out[1])
+    np.testing.assert_array_equal(out[4], out[0])  # NaN -> 0
+    g = viz.colorize(np.linspace(0, 1, 256), "gray")
+    # gray: within one level of the identity (matplotlib truncates v * 255), monotone
+    assert np.abs(g[:, 0].astype(int) - np.arange(256)).max() <= 1
+    assert (np.diff(g[:, 0].astype(int)) >= 0).all() and g[0, 0] == 0 and g[-1, 0] == 255
+    assert viz.colorize(np.zeros((5, 7)), "jet").shape == (5, 7, 3)
+
+
+def test_colorize_unknown_name():
+    with pytest.raises(ValueError, match="valid colormaps: jet"):
+        viz.colorize(np.zeros(3), "nope")
+
+
+def test_overlay_blend_formula():
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, (9, 11, 3), dtype=np.uint8)
+    m = rng.random((9, 11))
+    for alpha in (0.0, 0.3, 1.0):
+        out = viz.overlay(img, m, alpha=alpha)
+        want = np.round((1 - alpha) * img + alpha * viz.colorize(m).astype(float)).astype(np.uint8)
+        assert out.dtype == np.uint8 and out.shape == (9, 11, 3)
+        np.testing.assert_array_equal(out, want)
+    np.testing.assert_array_equal(viz.overlay(img, m, alpha=0.0), img)
+    np.testing.assert_array_equal(viz.overlay(img, m, alpha=1.0), viz.colorize(m))
+    # gray images are accepted
+    assert viz.overlay(img[..., 0], m).shape == (9, 11, 3)
+
+
+def test_overlay_rejects_bad_arguments():
+    img = np.zeros((4, 4, 3), np.uint8)
+    with pytest.raises(ValueError, match="differs from image size"):
+        viz.overlay(img, np.zeros((5, 4)))
+    with pytest.raises(ValueError, match="alpha"):
+        viz.overlay(img, np.zeros((4, 4)), alpha=1.5)
+    with pytest.raises(ValueError, match="uint8"):
+        viz.overlay(img.astype(np.int32), np.zeros((4, 4)))
+
+
+def test_grid_layout_and_labels():
+    a = np.full((10, 8, 3), 10, np.uint8)
+    b = np.full((6, 6), 200, np.uint8)
+    out = viz.grid([[a, b], [a]], pad=2)
+    assert out.dtype == np.uint8
+    assert out.shape == (2 + 2 * (10 + 2), 2 + 2 * (8 + 2), 3)
+    np.testing.assert_array_equal(out[2:12, 2:10], a)  # first cell at (pad, pad)
+    # b is centred in its 10x8 cell: rows 2+2..2+8, cols 12+1..12+7
+    np.testing.assert_array_equal(out[4:10, 13:19], np.full((6, 6, 3), 200, np.uint8))
+    assert (out[14:24, 12:20] == 255).all()  # empty cell stays background
+    wide = np.full((10, 60, 3), 10, np.uint8)
+    labelled = viz.grid([[wide, b]], labels=[["cat", None]], pad=2)
+    assert labelled.shape[0] > 2 + 10 + 2 and labelled.shape[1] == 2 + 2 * (60 + 2)
+    assert (labelled[12:, 2:62] < 128).any()  # some text was drawn under the first cell
+    assert (labelled[12:, 64:124] == 255).all()  # no label under the second
+
+
+def test_write_png_roundtrip(tmp_path):
+    img = np.random.default_rng(1).integers(0, 256, (7, 5, 3), dtype=np.uint8)
+    p = tmp_path / "sub" / "x.png"
+    viz.write_png(p, img)
+    np.testing.assert_array_equal(np.asarray(Image.open(p)), img)
+    assert [f.name for f in p.parent.iterdir()] == ["x.png"]  # no temp file left behind
+    with pytest.raises(ValueError):
+        viz.write_png(tmp_path / "y.png", img.astype(np.float32))
