@@ -1,0 +1,592 @@
+"""Inputs for batch explaining: decoding any image to RGB, and listing sources.
+
+Sources (:func:`open_inputs`), each listed cheaply (names only, nothing decoded):
+
+* an image file; a folder (searched recursively, sorted, by extension: see
+  :data:`IMAGE_EXTENSIONS`);
+* a ``.npy`` float array ``(N, H, W, 3)`` (or one ``(H, W, 3)`` image) of
+  inputs *already preprocessed* for the model: no resizing or normalisation is
+  applied; it is memory-mapped, one row read at a time;
+* a TFDS split ``tfds:NAME[/CONFIG]:SPLIT`` (``SPLIT`` may be sliced,
+  ``validation[:500]``, ``train[10%:20%]``) read from a local data dir. A split
+  prepared as ``array_record`` is read without TensorFlow
+  (``tfds.data_source``, random access); one prepared as ``tfrecord`` needs
+  TensorFlow (``tfds.load(..., download=False)``, read in order). The image
+  feature is ``image``, read as encoded bytes and decoded here like a file.
+
+Every :class:`Item` has an ``id``: a relative, path-safe name (no extension)
+for its outputs, unique within a run: a file given by name -> its stem; a file
+found in a folder -> ``<folder name>/<relative path without extension>``;
+``x.npy`` row ``i`` -> ``x_<i>``; TFDS -> ``<name>[/<config>]/<split>/<index>``
+(the index in the whole split, zero-padded). Ids that still collide (the same
+file name in two folders given by name, ``a.jpg`` beside ``a.png``; compared
+case-insensitively) each get ``_<8 hex digits of a hash of the source>``.
+
+Decoding (:func:`decode_image`, :func:`to_rgb`) turns every PIL mode into RGB
+uint8: EXIF orientation applied; ``CMYK`` through its ICC profile when it has
+one, else PIL's conversion; 16-bit (``I;16*``, ``I``) scaled by ``1/257``;
+float (``F``) taken as [0, 1] when its maximum is at most 1, else [0, 255];
+``1``, ``L`` and ``P`` replicated / looked up; **transparency (``RGBA``,
+``LA``, ``P`` with a transparent colour) is composited on white**, as a page
+shows it. Images of any size from 1x1 up are accepted (the model's
+preprocessing resizes them); images with more pixels than PIL's
+decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``, 89.5 Mpx by
+default; raise it to allow larger) are refused with a clear message, as are
+empty, truncated, corrupt and non-image files (:class:`ItemError`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import os
+import re
+import threading
+import warnings
+from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .errors import LiftcamError, UsageError
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "Item",
+    "ItemError",
+    "Source",
+    "decode_image",
+    "open_inputs",
+    "to_rgb",
+    "array_to_rgb",
+]
+
+IMAGE_EXTENSIONS = (
+    ".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".tif", ".tiff",
+    ".webp", ".ppm", ".pgm", ".pbm", ".pnm",
+)
+
+
+class ItemError(LiftcamError):
+    """One input cannot be used (corrupt, not an image, bad array...): the run goes on."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Item:
+    """One input: ``id`` names its outputs, ``source`` says where it came from.
+
+    ``kind`` is ``"image"`` (decoded to uint8 RGB, then the model's
+    preprocessing) or ``"array"`` (a preprocessed float ``(H, W, 3)``).
+    ``error`` is set for an input known to be unusable when listed.
+    """
+
+    id: str
+    source: str
+    kind: str
+    ref: Any = dataclasses.field(default=None, compare=False, repr=False)
+    error: Optional[str] = None
+
+
+# ---------------------------------------------------------------------------
+# decoding
+# ---------------------------------------------------------------------------
+
+_BOMB_WARNING_SILENCED = False
+
+
+def _silence_bomb_warning():
+    """PIL warns between 1x and 2x its pixel limit; we refuse those images ourselves."""
+    global _BOMB_WARNING_SILENCED
+    if not _BOMB_WARNING_SILENCED:
+        from PIL import Image
+
+        warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+        _BOMB_WARNING_SILENCED = True
+
+
+def _composite_on_white(rgba: np.ndarray) -> np.ndarray:
+    rgb = rgba[..., :3].astype(np.float32)
+    a = rgba[..., 3:4].astype(np.float32) / 255.0
+    return np.clip(np.round(rgb * a + 255.0 * (1.0 - a)), 0, 255).astype(np.uint8)
+
+
+def _gray_to_rgb(g: np.ndarray) -> np.ndarray:
+    return np.repeat(g[..., None], 3, axis=-1)
+
+
+def _to_uint8_levels(a: np.ndarray, mode: str) -> np.ndarray:
+    if mode == "F":
+        a = np.nan_to_num(a.astype(np.float64), nan=0.0)
+        scale = 255.0 if a.size and a.max() <= 1.0 else 1.0
+        return np.clip(np.round(a * scale), 0, 255).astype(np.uint8)
+    # 16-bit (I;16*) and 32-bit (I) integers: 16-bit levels -> 8-bit (x / 257)
+    a = a.astype(np.float64)
+    return np.clip(np.round(a / 257.0), 0, 255).astype(np.uint8)
+
+
+def to_rgb(img) -> np.ndarray:
+    """A PIL image of any mode -> uint8 RGB ``(H, W, 3)`` (see the module doc for the rules)."""
+    from PIL import Image
+
+    mode = img.mode
+    if mode == "RGB":
+        return np.asarray(img, dtype=np.uint8)
+    if mode in ("RGBA", "RGBa", "LA", "La", "PA") or (mode == "P" and "transparency" in img.info):
+        return _composite_on_white(np.asarray(img.convert("RGBA"), dtype=np.uint8))
+    if mode in ("L", "1", "P"):
+        if mode == "P":
+            return np.asarray(img.convert("RGB"), dtype=np.uint8)
+        return _gray_to_rgb(np.asarray(img.convert("L"), dtype=np.uint8))
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        return _gray_to_rgb(_to_uint8_levels(np.asarray(img), mode))
+    if mode == "CMYK":
+        icc = img.info.get("icc_profile")
+        if icc:
+            try:
+                from PIL import ImageCms
+
+                src = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+                dst = ImageCms.createProfile("sRGB")
+                return np.asarray(ImageCms.profileToProfile(img, src, dst, outputMode="RGB"), dtype=np.uint8)
+            except Exception:  # a broken profile: fall back to the plain conversion
+                pass
+        return np.asarray(img.convert("RGB"), dtype=np.uint8)
+    try:
+        return np.asarray(img.convert("RGB"), dtype=np.uint8)
+    except (ValueError, OSError) as e:
+        raise ItemError(f"unsupported image mode {mode!r} ({e})") from None
+
+
+def array_to_rgb(a) -> np.ndarray:
+    """A decoded image array (uint8 ``(H, W)``, ``(H, W, 1|3|4)``) -> uint8 RGB."""
+    a = np.asarray(a)
+    if a.dtype != np.uint8:
+        if a.dtype == np.uint16:
+            a = _to_uint8_levels(a, "I;16")
+        elif a.dtype.kind == "f":
+            a = _to_uint8_levels(a, "F")
+        else:
+            raise ItemError(f"image array has dtype {a.dtype}; expected uint8")
+    if a.ndim == 2:
+        a = a[..., None]
+    if a.ndim != 3 or a.shape[-1] not in (1, 3, 4) or a.shape[0] < 1 or a.shape[1] < 1:
+        raise ItemError(f"image array has shape {a.shape}; expected (H, W), (H, W, 1), (H, W, 3) or (H, W, 4)")
+    if a.shape[-1] == 1:
+        return _gray_to_rgb(a[..., 0])
+    if a.shape[-1] == 4:
+        return _composite_on_white(a)
+    return np.ascontiguousarray(a)
+
+
+def decode_image(data, *, max_pixels: Optional[int] = -1) -> np.ndarray:
+    """Encoded image bytes, or a path -> uint8 RGB ``(H, W, 3)``; :class:`ItemError` if unusable.
+
+    ``max_pixels``: refuse larger images (decompression-bomb guard); ``-1``
+    (default) means PIL's ``Image.MAX_IMAGE_PIXELS`` at call time, ``None`` no limit.
+    """
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    _silence_bomb_warning()
+    if max_pixels == -1:
+        max_pixels = Image.MAX_IMAGE_PIXELS
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        if len(data) == 0:
+            raise ItemError("empty data (0 bytes)")
+        f = io.BytesIO(data)
+    else:
+        path = os.fspath(data)
+        try:
+            size = os.path.getsize(path)
+        except OSError as e:
+            raise ItemError(f"cannot read file: {e.strerror or e}") from None
+        if size == 0:
+            raise ItemError("empty file (0 bytes)")
+        try:
+            with open(path, "rb") as fh:
+                f = io.BytesIO(fh.read())
+        except OSError as e:
+            raise ItemError(f"cannot read file: {e.strerror or e}") from None
+    try:
+        img = Image.open(f)
+    except Image.DecompressionBombError as e:
+        raise ItemError(f"image too large (decompression-bomb guard): {e}") from None
+    except UnidentifiedImageError:
+        raise ItemError("not an image, or an unsupported image format") from None
+    except (OSError, ValueError, SyntaxError) as e:
+        raise ItemError(f"corrupt image: {e}") from None
+    with img:
+        w, h = img.size
+        if w < 1 or h < 1:
+            raise ItemError(f"image has no pixels ({w}x{h})")
+        if max_pixels is not None and w * h > max_pixels:
+            raise ItemError(
+                f"image too large: {w}x{h} = {w * h} pixels exceeds the decompression-bomb limit of "
+                f"{max_pixels} pixels (PIL.Image.MAX_IMAGE_PIXELS)"
+            )
+        try:
+            img.load()
+        except Image.DecompressionBombError as e:
+            raise ItemError(f"image too large (decompression-bomb guard): {e}") from None
+        except (OSError, ValueError, SyntaxError, EOFError) as e:
+            msg = str(e) or type(e).__name__
+            if "truncated" in msg:
+                raise ItemError(f"truncated image: {msg}") from None
+            raise ItemError(f"corrupt image: {msg}") from None
+        try:
+            img = ImageOps.exif_transpose(img)
+        except Exception:  # unreadable EXIF: keep the stored orientation
+            pass
+        return to_rgb(img)
+
+
+# ---------------------------------------------------------------------------
+# sources
+# ---------------------------------------------------------------------------
+
+class Source:
+    """A list of :class:`Item` and a way to read them.
+
+    ``items`` is the full listing (cheap). ``read(items)`` yields
+    ``(item, load)`` in the order given, where ``load()`` returns the uint8
+    RGB image (kind ``image``) or the float array (kind ``array``) and may raise
+    :class:`ItemError`; ``load`` is called in a worker thread.
+    """
+
+    items: List[Item]
+
+    def read(self, items: Sequence[Item]) -> Iterator[Tuple[Item, Callable[[], np.ndarray]]]:
+        for it in items:
+            yield it, (lambda it=it: self.load(it))
+
+    def load(self, item: Item) -> np.ndarray:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class FileSource(Source):
+    """Image files: given by name, or found in folders."""
+
+    def __init__(self, items: List[Item], max_pixels: Optional[int] = -1):
+        self.items = items
+        self.max_pixels = max_pixels
+
+    def load(self, item: Item) -> np.ndarray:
+        return decode_image(item.ref, max_pixels=self.max_pixels)
+
+
+class NpySource(Source):
+    """Rows of a memory-mapped ``.npy`` of preprocessed float inputs."""
+
+    def __init__(self, path: str, items: List[Item], array=None):
+        self.path = path
+        self.items = items
+        self._array = array
+
+    def load(self, item: Item) -> np.ndarray:
+        row = np.array(self._array[item.ref], dtype=np.float32)
+        if not np.isfinite(row).all():
+            bad = int(np.size(row) - np.count_nonzero(np.isfinite(row)))
+            raise ItemError(f"array contains NaN or Inf ({bad} values)")
+        return row
+
+
+class TfdsSource(Source):
+    """A TFDS split: random access (array_record, no TensorFlow) or in order (tfrecord + TensorFlow).
+
+    ``reader[(split, index)]`` reads one example (random access); or
+    ``iterate()`` yields ``((split, index), example)`` in order.
+    """
+
+    def __init__(self, spec: str, items: List[Item], reader=None, iterate=None, image_key: str = "image"):
+        self.spec = spec
+        self.items = items
+        self._reader = reader
+        self._iterate = iterate
+        self._lock = threading.Lock()
+        self.image_key = image_key
+        self.max_pixels = -1
+
+    def _image(self, example) -> np.ndarray:
+        if not isinstance(example, dict) or self.image_key not in example:
+            keys = ", ".join(sorted(example)) if isinstance(example, dict) else type(example).__name__
+            raise ItemError(f"example has no {self.image_key!r} feature (has: {keys})")
+        v = example[self.image_key]
+        if isinstance(v, (bytes, bytearray, memoryview)):
+            return decode_image(bytes(v), max_pixels=self.max_pixels)
+        v = np.asarray(v)
+        if v.dtype.kind in "SO" and v.ndim == 0:
+            return decode_image(bytes(v.item()), max_pixels=self.max_pixels)
+        return array_to_rgb(v)
+
+    def load(self, item: Item) -> np.ndarray:
+        try:
+            with self._lock:
+                example = self._reader[item.ref]
+        except Exception as e:
+            raise ItemError(f"cannot read example {item.ref[1]} of split {item.ref[0]}: {_one_line(e)}") from None
+        return self._image(example)
+
+    def read(self, items):
+        if self._iterate is None:
+            yield from super().read(items)
+            return
+        wanted = {it.ref: it for it in items}
+        remaining = len(wanted)
+        if not remaining:
+            return
+        for ref, example in self._iterate():
+            it = wanted.get(ref)
+            if it is not None:
+                yield it, (lambda ex=example: self._image(ex))
+                remaining -= 1
+                if not remaining:
+                    break
+
+
+def _one_line(e: BaseException) -> str:
+    msg = str(e).strip().splitlines()
+    return msg[0] if msg else type(e).__name__
+
+
+def _is_image_file(name: str) -> bool:
+    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def _walk_images(folder: str) -> List[str]:
+    out = []
+    for root, dirs, files in os.walk(folder, followlinks=False):
+        dirs.sort()
+        for f in sorted(files):
+            if _is_image_file(f) and not f.startswith("."):
+                out.append(os.path.join(root, f))
+    return out
+
+
+def _short_hash(text: str) -> str:
+    return hashlib.sha1(text.encode("utf-8", "surrogateescape")).hexdigest()[:8]
+
+
+def _safe_part(text: str) -> str:
+    text = re.sub(r"[\x00-\x1f/\\:*?\"<>|]+", "_", text).strip()
+    return text if text not in ("", ".", "..") else "_"
+
+
+def _file_id(path: str, base: Optional[str]) -> str:
+    if base is None:
+        return _safe_part(os.path.splitext(os.path.basename(path))[0])
+    rel = os.path.relpath(path, base)
+    parts = [_safe_part(p) for p in os.path.splitext(rel)[0].split(os.sep)]
+    name = _safe_part(os.path.basename(os.path.abspath(base))) or "root"
+    return "/".join([name] + parts)
+
+
+def _npy_source(path: str, size_hint=None) -> NpySource:
+    stem = _safe_part(os.path.splitext(os.path.basename(path))[0])
+    try:
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        return NpySource(path, [Item(stem, path, "array", error=f"cannot read .npy: {_one_line(e)}")])
+    if not isinstance(arr, np.ndarray):
+        return NpySource(path, [Item(stem, path, "array", error="not a single .npy array")])
+    if arr.dtype.kind != "f":
+        return NpySource(path, [Item(stem, path, "array", error=(
+            f"array has dtype {arr.dtype}; expected floats already preprocessed for the model "
+            "(pass image files for raw pixels)"))])
+    if arr.ndim == 3:
+        arr = arr[None]
+    if arr.ndim != 4 or arr.shape[-1] != 3:
+        return NpySource(path, [Item(stem, path, "array", error=(
+            f"array has shape {tuple(np.shape(arr))}; expected (N, H, W, 3) preprocessed inputs"))])
+    if arr.shape[0] == 0:
+        return NpySource(path, [Item(stem, path, "array", error="array holds no inputs (N = 0)")])
+    items = [Item(f"{stem}_{i}", f"{path}[{i}]", "array", ref=i) for i in range(arr.shape[0])]
+    return NpySource(path, items, arr)
+
+
+# -- TFDS --------------------------------------------------------------------
+
+def parse_tfds_spec(spec: str) -> Tuple[str, str]:
+    """``tfds:NAME[/CONFIG]:SPLIT`` -> ``(name, split)``."""
+    body = spec[len("tfds:"):]
+    name, sep, split = body.partition(":")
+    if not sep or not name or not split:
+        raise UsageError(f"bad TFDS input {spec!r}; expected tfds:NAME[/CONFIG]:SPLIT, e.g. tfds:imagenette:validation[:500]")
+    return name, split
+
+
+def _tf_available() -> bool:
+    try:
+        import importlib.util
+
+        return importlib.util.find_spec("tensorflow") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _tfds_source(spec: str, data_dir: Optional[str], download: bool) -> TfdsSource:
+    name, split = parse_tfds_spec(spec)
+    try:
+        import tensorflow_datasets as tfds
+    except ImportError as e:  # pragma: no cover - a dependency
+        raise UsageError(f"TFDS input {spec!r} needs tensorflow-datasets: {e}") from None
+    where = data_dir or "the default TFDS data dir"
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+    except Exception as e:
+        raise UsageError(f"TFDS dataset {name!r} not found in {where}: {_one_line(e)}") from None
+    if not builder.is_prepared():
+        if not download:
+            raise UsageError(
+                f"TFDS dataset {name!r} is not prepared in {where}; prepare it (tfds build {name} "
+                f"--file_format=array_record{' --data_dir ' + data_dir if data_dir else ''}) or pass --download"
+            )
+        try:
+            builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
+            builder.download_and_prepare()
+        except Exception as e:
+            raise UsageError(f"cannot download and prepare TFDS dataset {name!r}: {_one_line(e)}") from None
+    splits = builder.info.splits
+    try:
+        instructions = tfds.core.ReadInstruction.from_spec(split).to_absolute(splits)
+    except Exception as e:
+        raise UsageError(
+            f"bad split {split!r} for TFDS dataset {name!r} ({_one_line(e)}); splits: {', '.join(sorted(splits))}"
+        ) from None
+    features = builder.info.features
+    image_key = "image"
+    if image_key not in getattr(features, "keys", lambda: ())():
+        raise UsageError(f"TFDS dataset {name!r} has no 'image' feature (features: {', '.join(features.keys())})")
+    decoders = None
+    if isinstance(features[image_key], tfds.features.Image):
+        decoders = {image_key: tfds.decode.SkipDecoding()}
+    items: List[Item] = []
+    for ins in instructions:
+        n = splits[ins.splitname].num_examples
+        lo = 0 if ins.from_ is None else ins.from_
+        hi = n if ins.to is None else ins.to
+        width = max(5, len(str(max(n - 1, 0))))
+        for i in range(lo, hi):
+            ident = f"{name}/{ins.splitname}/{i:0{width}d}"
+            items.append(Item(ident, f"tfds:{name}:{ins.splitname}[{i}]", "image", ref=(ins.splitname, i)))
+    fmt = str(getattr(builder.info, "file_format", "") or "")
+    split_names = list(dict.fromkeys(ins.splitname for ins in instructions))
+    if "array_record" in fmt.lower():
+        try:
+            readers = {
+                s: tfds.data_source(name, split=s, data_dir=data_dir, decoders=decoders) for s in split_names
+            }
+        except Exception as e:
+            raise UsageError(f"cannot open TFDS dataset {name!r} in {where}: {_one_line(e)}") from None
+
+        class _Reader:
+            def __getitem__(self, ref):
+                return readers[ref[0]][ref[1]]
+
+        return TfdsSource(spec, items, reader=_Reader(), image_key=image_key)
+    if not _tf_available():
+        raise UsageError(
+            f"TFDS dataset {name!r} is prepared as {fmt or 'tfrecord'}, which needs TensorFlow to read; "
+            f"install tensorflow, or prepare it as array_record (tfds build {name} --file_format=array_record)"
+        )
+
+    def iterate():  # pragma: no cover - needs TensorFlow
+        for s in split_names:
+            ds = tfds.load(name, split=s, data_dir=data_dir, download=False, shuffle_files=False, decoders=decoders)
+            for i, ex in enumerate(tfds.as_numpy(ds)):
+                yield (s, i), ex
+
+    return TfdsSource(spec, items, iterate=iterate, image_key=image_key)
+
+
+# ---------------------------------------------------------------------------
+# listing
+# ---------------------------------------------------------------------------
+
+def open_inputs(
+    inputs: Sequence[str],
+    *,
+    data_dir: Optional[str] = None,
+    download: bool = False,
+    max_pixels: Optional[int] = -1,
+) -> List[Source]:
+    """List the inputs (files, folders, ``.npy``, ``tfds:...``) as sources with unique item ids.
+
+    Raises :class:`UsageError` (before any work) for a path that does not
+    exist, a folder without images, a missing TFDS dataset or split, or when
+    nothing is left to explain. Unusable single inputs are *not* errors here:
+    they fail one by one when read.
+    """
+    if not inputs:
+        raise UsageError("no inputs given")
+    sources: List[Source] = []
+    seen_paths = set()
+    files: List[Item] = []
+
+    def flush_files():
+        if files:
+            sources.append(FileSource(list(files), max_pixels))
+            files.clear()
+
+    for spec in inputs:
+        spec = os.fspath(spec)
+        if spec.startswith("tfds:"):
+            flush_files()
+            src = _tfds_source(spec, data_dir, download)
+            src.max_pixels = max_pixels
+            sources.append(src)
+            continue
+        if not os.path.exists(spec):
+            raise UsageError(f"input not found: {spec}")
+        real = os.path.realpath(spec)
+        if os.path.isdir(spec):
+            found = _walk_images(spec)
+            if not found:
+                raise UsageError(
+                    f"no images found in folder {spec} (extensions: {' '.join(IMAGE_EXTENSIONS)})"
+                )
+            for p in found:
+                rp = os.path.realpath(p)
+                if rp in seen_paths:
+                    continue
+                seen_paths.add(rp)
+                files.append(Item(_file_id(p, spec), p, "image", ref=p))
+        elif spec.lower().endswith(".npy"):
+            if real in seen_paths:
+                continue
+            seen_paths.add(real)
+            flush_files()
+            sources.append(_npy_source(spec))
+        else:
+            if real in seen_paths:
+                continue
+            seen_paths.add(real)
+            files.append(Item(_file_id(spec, None), spec, "image", ref=spec))
+    flush_files()
+    _make_ids_unique(sources)
+    if not any(s.items for s in sources):
+        raise UsageError("no inputs to explain")
+    return sources
+
+
+def _make_ids_unique(sources: Sequence[Source]) -> None:
+    """Ids that collide (case-insensitively) get ``_<hash of the source>``; repeated until unique."""
+    for _ in range(4):
+        count: dict = {}
+        for s in sources:
+            for it in s.items:
+                count[it.id.lower()] = count.get(it.id.lower(), 0) + 1
+        if all(c == 1 for c in count.values()):
+            return
+        for s in sources:
+            s.items = [
+                dataclasses.replace(it, id=f"{it.id}_{_short_hash(_hash_key(it))}")
+                if count[it.id.lower()] > 1 else it
+                for it in s.items
+            ]
+    raise UsageError("cannot give the inputs unique output names")  # pragma: no cover - hash collisions
+
+
+def _hash_key(item: Item) -> str:
+    return item.source if item.source.startswith("tfds:") else os.path.abspath(item.source)
+
+
+def all_items(sources: Sequence[Source]) -> List[Item]:
+    return [it for s in sources for it in s.items]
