@@ -352,7 +352,9 @@ def _tensor_array(t: _Tensor, big_endian=False) -> np.ndarray:
     itemsize = t.dtype.itemsize
     if big_endian:
         raw = _swap_bytes(raw[: raw.size // itemsize * itemsize], t.dtype)
-    data = raw[: raw.size // itemsize * itemsize].view(t.dtype)
+    # as_strided goes through __array_interface__, which cannot spell ml_dtypes
+    # (float8): stride over opaque itemsize-byte records, then reinterpret.
+    data = raw[: raw.size // itemsize * itemsize].view(np.dtype((np.void, itemsize)))
     if 0 in t.size:
         return np.zeros(t.size, t.dtype)
     last = t.offset + sum((n - 1) * s for n, s in zip(t.size, t.stride))
@@ -361,7 +363,7 @@ def _tensor_array(t: _Tensor, big_endian=False) -> np.ndarray:
                        f"end of storage {t.storage.key!r} ({data.size} elements)")
     view = np.lib.stride_tricks.as_strided(
         data[t.offset:], shape=t.size, strides=tuple(s * itemsize for s in t.stride), writeable=False)
-    return np.array(view, order="C")
+    return np.array(view, order="C").view(t.dtype)
 
 
 def _to_numpy(obj, big_endian=False):
@@ -430,7 +432,12 @@ def _read_exact(f, n, what):
 
 def _load_legacy(path):
     with open(path, "rb") as f:
-        magic = _RestrictedUnpickler(f, path).load()
+        try:
+            magic = _RestrictedUnpickler(f, path).load()
+        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError, IndexError) as e:
+            if isinstance(e, UsageError):
+                raise
+            magic = None
         if magic != LEGACY_MAGIC:
             raise UsageError(f"unknown checkpoint format: {path} is a pickle but not a torch.save file "
                              f"(no magic number); expected a PyTorch zip/legacy checkpoint or .safetensors")
@@ -499,7 +506,7 @@ def _load_safetensors(path):
 def _sniff(path, head: bytes):
     if head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
         return "zip"
-    if head[:1] == b"\x80":
+    if head.startswith((b"\x80", b"\x8a\x0a", b"L%d" % LEGACY_MAGIC)):  # pickle protocol >= 2, 1, 0
         return "legacy"
     if len(head) >= 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] < os.path.getsize(path):
         return "safetensors"
@@ -524,7 +531,7 @@ def load_checkpoint(path) -> Any:
     if os.path.isdir(path):
         raise UsageError(f"checkpoint path is a directory, not a file: {path}")
     with open(path, "rb") as f:
-        head = f.read(16)
+        head = f.read(32)
     if not head:
         raise UsageError(f"checkpoint file is empty: {path}")
     kind = _sniff(path, head)
