@@ -1,10 +1,131 @@
-"""bench: not built yet."""
+"""bench: time and memory of CAM methods next to the model's own forward pass.
+
+For each method and batch size: compile time (first call minus a steady call),
+steady-state seconds per image (median of --repeats calls after warm-up, each
+call interleaved with a forward pass), images per second, the ratio to the
+jit-compiled forward pass of the same model, and the compiled program's memory.
+Inputs are random normal arrays of the model's input size. Prints a markdown
+table; --out FILE.json / FILE.md write the full report / the table.
+
+Methods are names from the registry, optionally with options:
+'score-cam:batch_size=64' (repeat a method with different options to compare).
+The persistent compilation cache is off during the run unless
+--compilation-cache on (then its hits are reported), so compile times are real.
+"""
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+
+from .. import methods as _methods
 from ..errors import UsageError
+from ..io import write_bytes
+
+
+def _int_list(text: str):
+    try:
+        values = [int(v) for v in str(text).replace(" ", "").split(",") if v]
+    except ValueError:
+        raise UsageError(f"--batch-sizes takes comma-separated positive integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise UsageError(f"--batch-sizes takes comma-separated positive integers, got {text!r}")
+    return values
+
+
+def _method_list(text: str):
+    items = [m.strip() for m in str(text).split(",") if m.strip()]
+    if items == ["all"]:
+        return list(_methods.names())
+    if not items:
+        raise UsageError(f"--methods is empty; valid methods: {', '.join(_methods.names())}, or 'all'")
+    return items
 
 
 def add_arguments(parser):
-    pass
+    parser.add_argument("--model", required=True, help="model name from the zoo (e.g. vgg16, resnet50)")
+    parser.add_argument(
+        "--weights", default="random",
+        help="'random' (default: speed does not depend on the weights' values), 'pretrained', or a checkpoint path",
+    )
+    parser.add_argument("--layer", default=None, help="split layer (default: the model's default)")
+    parser.add_argument(
+        "--methods", default="lift-cam",
+        help="comma-separated method names, each optionally NAME:KEY=VALUE[:KEY=VALUE]; 'all' for every "
+             "registered method (default: lift-cam)",
+    )
+    parser.add_argument("--batch-sizes", default="1", help="comma-separated batch sizes (default: 1)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed calls per measurement; the median is reported (default: 5)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed calls after the compiling call (default: 1)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default: 0)")
+    parser.add_argument(
+        "--compilation-cache", choices=("off", "on"), default="off",
+        help="use the persistent compilation cache (default off, so compile times are real compilations)",
+    )
+    parser.add_argument(
+        "--out", action="append", default=[], metavar="FILE",
+        help="write the report: FILE.json (everything measured) or FILE.md (the table); repeatable",
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
 
 
-def run(args, zoo):
-    raise UsageError("'bench' is not available yet")
+def run(args, zoo) -> int:
+    from ..bench import bench, parse_method_spec
+
+    outs = [Path(p) for p in args.out]
+    for p in outs:
+        if p.suffix.lower() not in (".json", ".md"):
+            raise UsageError(f"--out {p}: the file name must end in .json or .md")
+    specs = [parse_method_spec(m) for m in _method_list(args.methods)]
+    batch_sizes = _int_list(args.batch_sizes)
+    if args.repeats < 1:
+        raise UsageError(f"--repeats must be at least 1, got {args.repeats}")
+    if args.warmup < 0:
+        raise UsageError(f"--warmup must be 0 or more, got {args.warmup}")
+    names = list(zoo.names())
+    if args.model not in names:
+        raise UsageError(f"unknown model {args.model!r}; valid models: {', '.join(names)}")
+    weights = None if args.weights in (None, "pretrained") else args.weights
+    model = zoo.load(args.model, weights=weights, layer=args.layer)
+    size = int(model.preprocess.size)
+    log = None if args.quiet else (lambda s: print(f"bench: {s}", file=sys.stderr, flush=True))
+    report = bench(
+        model.split,
+        model.params,
+        (size, size, 3),
+        specs,
+        batch_sizes,
+        repeats=args.repeats,
+        warmup=args.warmup,
+        seed=args.seed,
+        cache=args.compilation_cache == "on",
+        model=model.name,
+        layer=model.layer,
+        weights=args.weights,
+        command="liftcam-jax bench " + " ".join(shlex.quote(a) for a in _argv(args)),
+        log=log,
+    )
+    table = report.to_markdown()
+    print(table, end="")
+    for p in outs:
+        text = report.to_json() + "\n" if p.suffix.lower() == ".json" else table
+        write_bytes(p, text.encode("utf-8"))
+        if log:
+            log(f"wrote {p}")
+    return 0
+
+
+def _argv(args):
+    """The command line, rebuilt from the parsed arguments (for the report)."""
+    parts = ["--model", args.model, "--weights", str(args.weights)]
+    if args.layer:
+        parts += ["--layer", args.layer]
+    parts += ["--methods", args.methods, "--batch-sizes", args.batch_sizes,
+              "--repeats", str(args.repeats), "--warmup", str(args.warmup)]
+    if args.seed:
+        parts += ["--seed", str(args.seed)]
+    if args.compilation_cache != "off":
+        parts += ["--compilation-cache", args.compilation_cache]
+    for p in args.out:
+        parts += ["--out", p]
+    return parts

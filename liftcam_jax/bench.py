@@ -1,0 +1,547 @@
+r"""Speed and memory of the CAM methods, measured next to the model's own forward pass.
+
+For a split model ``f = head . features``, a method ``m`` and a batch size ``B``,
+:func:`bench` measures the jit-compiled explainer
+``liftcam_jax.explainer(split, m)(params, x)`` and the yardstick, the
+jit-compiled forward pass ``split(params, x)``, on random normal inputs
+``x ~ N(0, 1)^{B x S x S x 3}`` (speed does not depend on the pixels):
+
+* **compile** ``c = t_first - t_steady``: the first call (trace, lower, XLA
+  compile, one run) minus the steady-state time of one call. Trace, lowering
+  and XLA-compile durations are also recorded separately from JAX's
+  monitoring events (``/jax/core/compile/*``). The persistent compilation
+  cache is switched off for the measurement by default (a cache hit would
+  report a load time as a compile time); with it on, the persistent-cache
+  hits of each first call are counted and reported.
+* **steady state**: after ``warmup`` untimed calls, ``repeats`` timed calls of
+  the method, each preceded by one timed call of the forward pass (interleaved,
+  so both see the same machine load). Every call ends with
+  ``jax.block_until_ready``. Seconds per image ``= median(t) / B``;
+  images per second ``= B / median(t)``.
+* **ratio** ``= median_i (t_method,i / t_forward,i)`` over the interleaved
+  pairs: the cost of an explanation in forward passes. On a quiet machine it
+  equals the ratio of the medians; under load it is the more robust of the two.
+* **memory**: the compiled program's own account,
+  ``executable.memory_analysis()``: ``temp`` (scratch buffers), ``argument``
+  (parameters and input), ``output``, and ``total = temp + argument + output -
+  alias`` bytes. It does not depend on what else ran before or on the
+  allocator (a process's RSS delta does: freed pages stay resident and are
+  reused, so per-call RSS deltas measured here varied from 0 to 2x between
+  identical calls). On CPU, XLA hands chains of convolutions to YNNPACK as
+  opaque fusions whose scratch memory it does not account for; such programs
+  are measured recompiled without YNNPACK fusion (see :func:`program_memory`).
+  The process's peak RSS (``getrusage``) is reported once for the whole run.
+  Where the device keeps allocator statistics (GPU, TPU),
+  ``device_peak_bytes`` is also reported: ``memory_stats()['peak_bytes_in_use']``
+  after the row, the peak *since the process started* (so it never decreases
+  from one row to the next).
+
+The device is ``jax.devices()[0]``: its ``device_kind``, ``platform`` and the
+number of devices are part of the report.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import inspect
+import json
+import os
+import platform as _platform
+import statistics
+import time
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+
+from . import methods as _methods
+from .errors import UsageError
+from .explain import explainer
+from .model import Split
+
+__all__ = [
+    "MethodSpec",
+    "Row",
+    "Report",
+    "bench",
+    "compilation_cache",
+    "device_info",
+    "parse_method_spec",
+    "program_memory",
+]
+
+_TRACE = "/jax/core/compile/jaxpr_trace_duration"
+_LOWER = "/jax/core/compile/jaxpr_to_mlir_module_duration"
+_BACKEND = "/jax/core/compile/backend_compile_duration"
+_CACHE_REQUESTS = "/jax/compilation_cache/compile_requests_use_cache"
+_CACHE_HITS = "/jax/compilation_cache/cache_hits"
+
+
+# ---------------------------------------------------------------------------
+# what runs where
+# ---------------------------------------------------------------------------
+
+def device_info() -> Dict[str, Any]:
+    """The device the benchmark runs on, and the software that runs it."""
+    devices = jax.devices()
+    d = devices[0]
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count()
+    return {
+        "device_kind": d.device_kind,
+        "platform": d.platform,
+        "device_count": len(devices),
+        "cpu_count": cpus,
+        "processor": _platform.processor() or _platform.machine(),
+        "jax": jax.__version__,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+    }
+
+
+@contextlib.contextmanager
+def compilation_cache(enabled: bool):
+    """Switch JAX's persistent compilation cache on or off inside the block.
+
+    Off (the benchmark's default) makes every first call a real compilation.
+    The previous setting is restored on exit.
+    """
+    from jax.experimental.compilation_cache import compilation_cache as cc
+
+    before = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", bool(enabled))
+    cc.reset_cache()  # the cache decides once whether it is used; ask again
+    try:
+        yield
+    finally:
+        jax.config.update("jax_enable_compilation_cache", before)
+        cc.reset_cache()
+
+
+def _cache_description(enabled: bool) -> str:
+    if not enabled:
+        return "off"
+    path = jax.config.jax_compilation_cache_dir
+    return f"on ({path})" if path else "on (no cache directory set: nothing is cached)"
+
+
+class _CompileEvents:
+    """Collects JAX's compile-duration and persistent-cache events while active."""
+
+    def __init__(self):
+        self.durations: Dict[str, float] = {}
+        self.counts: Dict[str, int] = {}
+        self._on = False
+
+    def _duration(self, event, duration, **kwargs):
+        if self._on and event in (_TRACE, _LOWER, _BACKEND):
+            self.durations[event] = self.durations.get(event, 0.0) + float(duration)
+
+    def _event(self, event, **kwargs):
+        if self._on and event in (_CACHE_REQUESTS, _CACHE_HITS):
+            self.counts[event] = self.counts.get(event, 0) + 1
+
+    @contextlib.contextmanager
+    def listening(self):
+        jax.monitoring.register_event_duration_secs_listener(self._duration)
+        jax.monitoring.register_event_listener(self._event)
+        try:
+            yield self
+        finally:
+            jax.monitoring.unregister_event_duration_listener(self._duration)
+            jax.monitoring.unregister_event_listener(self._event)
+
+    @contextlib.contextmanager
+    def record(self):
+        """Count only what happens inside this block (starting from zero)."""
+        self.durations, self.counts, self._on = {}, {}, True
+        try:
+            yield
+        finally:
+            self._on = False
+
+    def summary(self) -> Dict[str, Any]:
+        requests = self.counts.get(_CACHE_REQUESTS, 0)
+        return {
+            "trace_s": self.durations.get(_TRACE, 0.0),
+            "lower_s": self.durations.get(_LOWER, 0.0),
+            "xla_compile_s": self.durations.get(_BACKEND, 0.0),
+            "cache_requests": requests,
+            "cache_hits": self.counts.get(_CACHE_HITS, 0),
+        }
+
+
+_NO_YNN = {"xla_cpu_experimental_ynn_fusion_type": ""}
+
+
+def program_memory(jitted, *args) -> Dict[str, Any]:
+    """Bytes of a jitted function's compiled program for these arguments (``memory_analysis``).
+
+    ``total = temp + argument + output - alias``. On CPU, XLA hands chains of
+    convolutions to YNNPACK as one fusion whose intermediate buffers XLA's
+    buffer assignment does not see (a VGG-16 forward pass reports ~0 temp
+    bytes); when the program has such a fusion, the memory is read from the
+    same program compiled with YNNPACK fusion off
+    (``xla_cpu_experimental_ynn_fusion_type=""``), whose buffer assignment
+    holds every intermediate. ``source`` says which.
+    """
+    lowered = jitted.lower(*args)
+    compiled = lowered.compile()  # the program the calls use (from JAX's in-memory cache)
+    source = "memory_analysis"
+    if "__ynn_fusion" in compiled.as_text():
+        compiled = lowered.compile(compiler_options=_NO_YNN)
+        source = "memory_analysis, recompiled without YNNPACK fusion"
+    m = compiled.memory_analysis()
+    if m is None:
+        return {"source": "unavailable"}
+    get = lambda name: int(getattr(m, name, 0) or 0)
+    out: Dict[str, Any] = {
+        "temp": get("temp_size_in_bytes"),
+        "argument": get("argument_size_in_bytes"),
+        "output": get("output_size_in_bytes"),
+        "alias": get("alias_size_in_bytes"),
+    }
+    out["total"] = out["temp"] + out["argument"] + out["output"] - out["alias"]
+    out["source"] = source
+    return out
+
+
+def _device_peak_bytes() -> Optional[int]:
+    try:
+        stats = jax.devices()[0].memory_stats()
+    except Exception:
+        return None
+    if not stats or "peak_bytes_in_use" not in stats:
+        return None
+    return int(stats["peak_bytes_in_use"])
+
+
+def _process_peak_rss() -> Optional[int]:
+    """The whole process's peak resident memory so far (``getrusage``), or ``None``."""
+    try:
+        import resource
+        import sys
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return int(peak if sys.platform == "darwin" else peak * 1024)
+    except Exception:
+        return None
+
+
+# ---------------------------------------------------------------------------
+# what to run
+# ---------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class MethodSpec:
+    """A method name and its options, written ``name`` or ``name:key=value:key=value``."""
+
+    name: str
+    options: Tuple[Tuple[str, Any], ...] = ()
+
+    @property
+    def label(self) -> str:
+        return ":".join([self.name] + [f"{k}={v}" for k, v in self.options])
+
+    @property
+    def kwargs(self) -> Dict[str, Any]:
+        return dict(self.options)
+
+
+def _literal(text: str):
+    import ast
+
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def parse_method_spec(text: str) -> MethodSpec:
+    """``"score-cam:chunk_size=64"`` -> ``MethodSpec("score-cam", (("chunk_size", 64),))``.
+
+    The method must be registered and take every option as a keyword argument
+    (:class:`~liftcam_jax.errors.UsageError` otherwise, naming what is valid).
+    """
+    name, *parts = [p.strip() for p in str(text).split(":")]
+    method = _methods.get(name)  # UnknownMethodError lists the methods
+    params = inspect.signature(method.fn).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    valid = [n for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY and n != "key"]
+    options = []
+    for part in parts:
+        key, eq, value = part.partition("=")
+        key = key.strip()
+        if not eq or not key:
+            raise UsageError(f"bad method option {part!r} in {text!r}: write NAME:KEY=VALUE")
+        if not takes_any and key not in valid:
+            raise UsageError(
+                f"method {name!r} has no option {key!r}; valid options: {', '.join(valid) or 'none'}"
+            )
+        options.append((key, _literal(value.strip())))
+    return MethodSpec(name, tuple(options))
+
+
+# ---------------------------------------------------------------------------
+# measuring
+# ---------------------------------------------------------------------------
+
+def _timed(fn, *args) -> float:
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    return time.perf_counter() - t0
+
+
+@dataclasses.dataclass
+class Row:
+    """One method at one batch size, next to the forward pass at that batch size."""
+
+    method: str
+    options: Dict[str, Any]
+    batch_size: int
+    first_call_s: float
+    compile_s: float
+    compile_detail: Dict[str, Any]
+    seconds_per_image: float
+    images_per_s: float
+    forward_seconds_per_image: float
+    forward_images_per_s: float
+    ratio: float
+    memory_bytes: Dict[str, Any]
+    forward_memory_bytes: Dict[str, Any]
+    device_peak_bytes: Optional[int]
+    runs_s: List[float]
+    forward_runs_s: List[float]
+
+    @property
+    def label(self) -> str:
+        return MethodSpec(self.method, tuple(self.options.items())).label
+
+
+@dataclasses.dataclass
+class ForwardRow:
+    """The forward pass's own compile time and memory at one batch size."""
+
+    batch_size: int
+    first_call_s: float
+    compile_s: float
+    compile_detail: Dict[str, Any]
+    seconds_per_image: float
+    memory_bytes: Dict[str, Any]
+
+
+@dataclasses.dataclass
+class Report:
+    """Everything one :func:`bench` call measured, with the settings and the device."""
+
+    model: str
+    layer: Optional[str]
+    weights: Optional[str]
+    input_shape: Tuple[int, int, int]
+    repeats: int
+    warmup: int
+    compilation_cache: str
+    device: Dict[str, Any]
+    forward: List[ForwardRow]
+    rows: List[Row]
+    command: Optional[str] = None
+    started: str = ""
+    wall_s: float = 0.0
+    process_peak_rss_bytes: Optional[int] = None
+
+    def to_dict(self) -> Dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["input_shape"] = list(self.input_shape)
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, default=str)
+
+    def to_markdown(self) -> str:
+        return markdown(self)
+
+
+def _mib(n: Optional[int]) -> str:
+    return "-" if n is None else f"{n / 2**20:,.1f}"
+
+
+def _fmt_s(t: float) -> str:
+    if t >= 100:
+        return f"{t:,.0f}"
+    if t >= 1:
+        return f"{t:.2f}"
+    if t >= 0.01:
+        return f"{t:.3f}"
+    return f"{t:.2e}"
+
+
+def markdown(report: Report) -> str:
+    """The report as a markdown header and table."""
+    dev = report.device
+    h, w, c = report.input_shape
+    lines = [
+        f"**{report.model}** (layer {report.layer or 'default'}, weights {report.weights or 'default'}), "
+        f"input {h}x{w}x{c}, random normal",
+        "",
+        f"Device: {dev['device_kind']} (platform {dev['platform']}, {dev['device_count']} device(s), "
+        f"{dev['cpu_count']} CPU core(s) visible), JAX {dev['jax']}. "
+        f"Steady state: median of {report.repeats} calls after {report.warmup} warm-up call(s), "
+        f"forward pass interleaved. Compilation cache: {report.compilation_cache}.",
+    ]
+    if report.command:
+        lines += ["", f"Command: `{report.command}`"]
+    lines += [
+        "",
+        "| method | batch | compile s | s / image | images / s | forward s / image | ratio to forward "
+        "| temp MiB | total MiB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for f in report.forward:
+        lines.append(
+            f"| (forward pass) | {f.batch_size} | {_fmt_s(f.compile_s)} | {_fmt_s(f.seconds_per_image)} "
+            f"| {1.0 / f.seconds_per_image:,.1f} | {_fmt_s(f.seconds_per_image)} | 1.00 "
+            f"| {_mib(f.memory_bytes.get('temp'))} | {_mib(f.memory_bytes.get('total'))} |"
+        )
+    for r in report.rows:
+        lines.append(
+            f"| {r.label} | {r.batch_size} | {_fmt_s(r.compile_s)} | {_fmt_s(r.seconds_per_image)} "
+            f"| {r.images_per_s:,.2f} | {_fmt_s(r.forward_seconds_per_image)} | {r.ratio:.2f} "
+            f"| {_mib(r.memory_bytes.get('temp'))} | {_mib(r.memory_bytes.get('total'))} |"
+        )
+    peaks = [r for r in report.rows if r.device_peak_bytes is not None]
+    if peaks:
+        lines += ["", "Device peak bytes in use since start (allocator statistics): "
+                  + ", ".join(f"{r.label} b{r.batch_size}: {_mib(r.device_peak_bytes)} MiB" for r in peaks)]
+    sources = sorted({r.memory_bytes.get("source", "") for r in report.rows} |
+                     {f.memory_bytes.get("source", "") for f in report.forward} - {""})
+    lines += [
+        "",
+        "compile = first call minus one steady call; ratio = median of (method / forward) over "
+        "interleaved pairs; memory = the compiled program's buffer assignment "
+        f"({'; '.join(sources) or 'memory_analysis'}): temp = scratch buffers, "
+        "total = temp + arguments (parameters and input) + outputs. "
+        f"Whole process peak RSS: {_mib(report.process_peak_rss_bytes)} MiB.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def bench(
+    split: Split,
+    params,
+    input_shape: Sequence[int],
+    methods: Sequence[Any] = ("lift-cam",),
+    batch_sizes: Sequence[int] = (1,),
+    *,
+    repeats: int = 5,
+    warmup: int = 1,
+    seed: int = 0,
+    cache: bool = False,
+    model: str = "model",
+    layer: Optional[str] = None,
+    weights: Optional[str] = None,
+    command: Optional[str] = None,
+    log: Optional[Callable[[str], None]] = None,
+) -> Report:
+    """Measure each method at each batch size next to the jit-compiled forward pass.
+
+    Args:
+      split, params: the model (``params`` are arguments of every compiled program).
+      input_shape: ``(H, W, 3)`` of one image.
+      methods: method names or ``"name:key=value"`` specs or :class:`MethodSpec`.
+      batch_sizes: batch sizes to measure.
+      repeats: timed calls per row (the median is reported).
+      warmup: untimed calls after the first (compiling) call.
+      cache: use the persistent compilation cache (default off: honest compile times).
+      log: called with one progress line per measurement (e.g. ``print`` to stderr).
+
+    Returns:
+      a :class:`Report`.
+    """
+    specs = [m if isinstance(m, MethodSpec) else parse_method_spec(m) for m in methods]
+    if not specs:
+        raise UsageError("no methods to benchmark")
+    batch_sizes = [int(b) for b in batch_sizes]
+    if not batch_sizes or min(batch_sizes) < 1:
+        raise UsageError(f"batch sizes must be positive integers, got {batch_sizes}")
+    if int(repeats) < 1:
+        raise UsageError(f"repeats must be at least 1, got {repeats}")
+    if int(warmup) < 0:
+        raise UsageError(f"warmup must be 0 or more, got {warmup}")
+    input_shape = tuple(int(s) for s in input_shape)
+    log = log or (lambda s: None)
+    started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+    t_start = time.perf_counter()
+
+    events = _CompileEvents()
+    forward_rows: List[ForwardRow] = []
+    rows: List[Row] = []
+    with compilation_cache(cache), events.listening():
+        cache_text = _cache_description(cache)
+        forward = jax.jit(lambda p, x: split(p, x))
+        for b in batch_sizes:
+            x = jax.random.normal(jax.random.PRNGKey(seed), (b,) + input_shape, jnp.float32)
+            x = jax.block_until_ready(x)
+            with events.record():
+                first = _timed(forward, params, x)
+            detail = events.summary()
+            for _ in range(max(int(warmup), 1)):
+                _timed(forward, params, x)
+            steady = [_timed(forward, params, x) for _ in range(int(repeats))]
+            fwd_med = statistics.median(steady)
+            fmem = program_memory(forward, params, x)
+            forward_rows.append(ForwardRow(b, first, max(first - fwd_med, 0.0), detail, fwd_med / b, fmem))
+            log(f"forward b={b}: first call {first:.2f} s, {fwd_med / b:.4g} s/image")
+            for spec in specs:
+                fn = explainer(split, spec.name, **spec.kwargs)
+                with events.record():
+                    first = _timed(fn, params, x)
+                detail = events.summary()
+                for _ in range(int(warmup)):
+                    _timed(fn, params, x)
+                fwd_runs, runs = [], []
+                for _ in range(int(repeats)):
+                    fwd_runs.append(_timed(forward, params, x))
+                    runs.append(_timed(fn, params, x))
+                med, fmed = statistics.median(runs), statistics.median(fwd_runs)
+                ratio = statistics.median([r / f for r, f in zip(runs, fwd_runs)])
+                row = Row(
+                    method=spec.name,
+                    options=spec.kwargs,
+                    batch_size=b,
+                    first_call_s=first,
+                    compile_s=max(first - med, 0.0),
+                    compile_detail=detail,
+                    seconds_per_image=med / b,
+                    images_per_s=b / med,
+                    forward_seconds_per_image=fmed / b,
+                    forward_images_per_s=b / fmed,
+                    ratio=ratio,
+                    memory_bytes=program_memory(fn, params, x),
+                    forward_memory_bytes=fmem,
+                    device_peak_bytes=_device_peak_bytes(),
+                    runs_s=runs,
+                    forward_runs_s=fwd_runs,
+                )
+                rows.append(row)
+                log(
+                    f"{spec.label} b={b}: compile {row.compile_s:.2f} s, {row.seconds_per_image:.4g} s/image, "
+                    f"{ratio:.3f}x forward"
+                )
+    return Report(
+        model=model,
+        layer=layer,
+        weights=weights,
+        input_shape=input_shape,
+        repeats=int(repeats),
+        warmup=int(warmup),
+        compilation_cache=cache_text,
+        device=device_info(),
+        forward=forward_rows,
+        rows=rows,
+        command=command,
+        started=started,
+        wall_s=time.perf_counter() - t_start,
+        process_peak_rss_bytes=_process_peak_rss(),
+    )
