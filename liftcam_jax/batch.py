@@ -135,6 +135,17 @@ def _is_done(record: Optional[dict], out_dir: str, wanted: List[str]) -> bool:
     return all(w in have and os.path.isfile(os.path.join(out_dir, w)) for w in wanted)
 
 
+def _remove_stale_temp_files(out_dir: str) -> None:
+    """Delete temporary files left by an interrupted atomic write (one writer only)."""
+    for root, _, files in os.walk(out_dir):
+        for f in files:
+            if f.startswith(".") and f.endswith(".tmp"):
+                try:
+                    os.unlink(os.path.join(root, f))
+                except OSError:
+                    pass
+
+
 def _check_run_identity(out_dir: str, identity: dict) -> None:
     path = os.path.join(out_dir, "run.json")
     try:
@@ -381,15 +392,15 @@ def run(
         if not 0 <= target < classes:
             raise UsageError(f"target index {target} out of range for {classifier.name} ({classes} classes: 0..{classes - 1})")
 
+    sources = list(inputs)
+    if not sources or not all(isinstance(s, Source) for s in sources):
+        sources = open_inputs([os.fspath(s) for s in sources], data_dir=data_dir, download=download)
+
     out_dir = os.fspath(out_dir)
     try:
         _io.check_writable(out_dir)
     except OSError as e:
         raise UsageError(f"output folder {out_dir} is not writable: {e.strerror or e}") from None
-
-    sources = list(inputs)
-    if not sources or not all(isinstance(s, Source) for s in sources):
-        sources = open_inputs([os.fspath(s) for s in sources], data_dir=data_dir, download=download)
 
     identity = {
         "model": classifier.name,
@@ -411,6 +422,8 @@ def run(
     if limit is not None:
         listing = listing[: int(limit)]
     share = listing[pi::pc]
+    if pc == 1:
+        _remove_stale_temp_files(out_dir)
     previous = read_manifests(out_dir)
     todo_by_source: Dict[int, list] = {}
     skipped = 0

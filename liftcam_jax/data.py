@@ -177,11 +177,20 @@ def array_to_rgb(a) -> np.ndarray:
     return np.ascontiguousarray(a)
 
 
+def _broken(e: BaseException) -> ItemError:
+    msg = _one_line(e)
+    if "truncat" in msg.lower() or isinstance(e, EOFError):
+        return ItemError(f"truncated image: {msg}")
+    return ItemError(f"corrupt image: {msg}")
+
+
 def decode_image(data, *, max_pixels: Optional[int] = -1) -> np.ndarray:
     """Encoded image bytes, or a path -> uint8 RGB ``(H, W, 3)``; :class:`ItemError` if unusable.
 
     ``max_pixels``: refuse larger images (decompression-bomb guard); ``-1``
-    (default) means PIL's ``Image.MAX_IMAGE_PIXELS`` at call time, ``None`` no limit.
+    (default) means PIL's ``Image.MAX_IMAGE_PIXELS`` at call time, ``None`` no
+    check of ours (PIL still refuses images over twice its limit: raise
+    ``PIL.Image.MAX_IMAGE_PIXELS`` to allow them).
     """
     from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -211,8 +220,8 @@ def decode_image(data, *, max_pixels: Optional[int] = -1) -> np.ndarray:
         raise ItemError(f"image too large (decompression-bomb guard): {e}") from None
     except UnidentifiedImageError:
         raise ItemError("not an image, or an unsupported image format") from None
-    except (OSError, ValueError, SyntaxError) as e:
-        raise ItemError(f"corrupt image: {e}") from None
+    except (OSError, ValueError, SyntaxError, EOFError) as e:
+        raise _broken(e) from None
     with img:
         w, h = img.size
         if w < 1 or h < 1:
@@ -227,10 +236,7 @@ def decode_image(data, *, max_pixels: Optional[int] = -1) -> np.ndarray:
         except Image.DecompressionBombError as e:
             raise ItemError(f"image too large (decompression-bomb guard): {e}") from None
         except (OSError, ValueError, SyntaxError, EOFError) as e:
-            msg = str(e) or type(e).__name__
-            if "truncated" in msg:
-                raise ItemError(f"truncated image: {msg}") from None
-            raise ItemError(f"corrupt image: {msg}") from None
+            raise _broken(e) from None
         try:
             img = ImageOps.exif_transpose(img)
         except Exception:  # unreadable EXIF: keep the stored orientation
