@@ -1,5 +1,6 @@
 """CAM methods. Each module registers its methods in :mod:`.registry`."""
 from .registry import Method, UnknownMethodError, get, names, register
 from . import lift_cam  # noqa: F401  (registers lift-cam, deeplift-shap-cam)
+from . import cams, perturbation  # noqa: F401  (cam, grad-cam, grad-cam++, xgrad-cam, layer-cam, hires-cam, eigen-cam, score-cam, ablation-cam)
 
 __all__ = ["Method", "UnknownMethodError", "get", "names", "register"]

@@ -1,0 +1,164 @@
+r"""Perturbation CAMs: Score-CAM and Ablation-CAM, one forward per channel.
+
+Both evaluate the network once per activation channel ``k`` (512 for VGG16,
+2048 for ResNet-50), for every image of the batch at once. The channels are
+processed ``chunk_size`` at a time: ``jax.lax.map(..., batch_size=chunk_size)``
+runs ``vmap``-ed chunks in sequence (and the remainder as one smaller chunk),
+so at most ``chunk_size * B`` perturbed inputs are alive at once. The result
+does not depend on ``chunk_size``.
+
+``channels`` (a static sequence of channel indices) restricts the evaluation
+to a subset; channels outside it get weight 0 (for Ablation-CAM that is what
+pytorch-grad-cam gives a channel it skips, ``(y - y)/y``; for Score-CAM the
+softmax runs over the subset only). Both options are ordinary keyword
+options of :func:`liftcam_jax.explain`.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ..errors import UsageError
+from ..explanation import Attribution, normalize, upsample
+from .cams import _chunk
+from .registry import register
+
+DEFAULT_CHUNK = 32
+
+
+def _channels(channels, k: int) -> np.ndarray:
+    """The channel subset as a concrete int array (all ``k`` channels for ``None``)."""
+    if channels is None:
+        return np.arange(k)
+    try:
+        idx = np.asarray(channels)
+    except Exception:
+        idx = None
+    if idx is None or idx.dtype == object or idx.ndim != 1 or idx.size == 0 or idx.dtype.kind not in "iu":
+        raise UsageError(f"channels must be a non-empty sequence of channel indices (0..{k - 1}), got {channels!r}")
+    if idx.min() < 0 or idx.max() >= k:
+        raise UsageError(f"channel index {int(idx.max() if idx.max() >= k else idx.min())} out of range for {k} channels")
+    if np.unique(idx).size != idx.size:
+        raise UsageError("channels must not repeat")
+    return idx.astype(np.int32)
+
+
+def _pick(logits, targets):
+    """``logits[b, targets[b]]`` -> ``(B,)``."""
+    return jnp.take_along_axis(logits, targets[:, None], axis=1)[:, 0]
+
+
+def _scatter(values, idx: np.ndarray, k: int):
+    """``(B, n)`` values of the channels ``idx`` -> ``(B, k)``, zeros elsewhere."""
+    if idx.size == k and np.array_equal(idx, np.arange(k)):
+        return values
+    return jnp.zeros(values.shape[:1] + (k,), values.dtype).at[:, idx].set(values)
+
+
+def score_cam_masks(activations, size):
+    """``(B, H, W, K)`` Score-CAM masks: each activation map upsampled (half-pixel
+    bilinear, :func:`liftcam_jax.explanation.upsample`) and min-max normalised
+    (:func:`liftcam_jax.explanation.normalize`; a constant map gives a zero mask)."""
+    b, h, w, k = activations.shape
+    maps = jnp.moveaxis(activations, -1, 1).reshape(b * k, h, w)
+    masks = normalize(upsample(maps, size))
+    return jnp.moveaxis(masks.reshape(b, k, *masks.shape[1:]), 1, -1)
+
+
+@register("score-cam", summary="Score-CAM: softmax of the target logits of the input masked by each activation map (Wang et al., CVPRW 2020)")
+def score_cam(split, params, x, activations, targets, logits, *, key=None, chunk_size: int = DEFAULT_CHUNK,
+              channels=None):
+    r"""Score-CAM (Wang, Wang, Du, Yang, Zhang, Ding, Mardziel & Hu, "Score-CAM:
+    Score-Weighted Visual Explanations for Convolutional Neural Networks",
+    CVPR Workshops 2020, arXiv 1910.01279).
+
+    Each activation map is upsampled to the input size and min-max
+    normalised, :math:`H^k = s(\mathrm{Up}(A^k)) \in [0, 1]`; the whole model
+    scores the masked input :math:`X \circ H^k`, and the channel weights are
+    the softmax over channels of these target logits, as in pytorch-grad-cam:
+
+    .. math::  w_k = \frac{\exp f^c(X \circ H^k)}{\sum_{k'} \exp f^c(X \circ H^{k'})}.
+
+    (The paper's increase of confidence ``f^c(X \circ H^k) - f^c(X_b)`` over a
+    baseline ``X_b`` subtracts the same number from every channel, which the
+    softmax ignores.) Cost: ``K`` forward passes of the full model per image
+    (``split.features`` then ``split.head``), ``chunk_size`` channels at a time.
+
+    Deliberate differences from pytorch-grad-cam 1.5.7: it upsamples the maps
+    with ``torch.nn.UpsamplingBilinear2d``, i.e. ``align_corners=True``; the
+    library has one upsampling, half-pixel centres (``align_corners=False``,
+    as the Score-CAM authors' code and every map assembly here use). Its
+    normalisation divides by ``max - min + 1e-8``; here by ``max - min``
+    exactly (a constant map gives a zero mask in both).
+    """
+    del logits, key
+    chunk_size = _chunk(chunk_size)
+    a = activations
+    k = a.shape[-1]
+    idx = _channels(channels, k)
+    masks = score_cam_masks(a, x.shape[1:3])  # (B, H, W, K)
+
+    def masked_score(c):
+        m = jax.lax.dynamic_index_in_dim(masks, c, axis=3, keepdims=False)  # (B, H, W)
+        return _pick(split(params, x * m[..., None].astype(x.dtype)), targets)  # (B,)
+
+    scores = jax.lax.map(masked_score, jnp.asarray(idx), batch_size=chunk_size)  # (n, B)
+    weights = jax.nn.softmax(scores.T, axis=-1)
+    return Attribution(_scatter(weights, idx, k))
+
+
+ABLATION_OFFSET = 1e7  # pytorch-grad-cam's ABLATION_VALUE
+
+
+def ablation_values(activations):
+    """Per image, the value an ablated channel takes (pytorch-grad-cam's ``AblationLayer``):
+    0 when the image's smallest activation is 0 (post-ReLU layers), else
+    ``min(A) - 1e7``."""
+    amin = jnp.min(activations, axis=(1, 2, 3))
+    return jnp.where(amin == 0, jnp.zeros_like(amin), amin - ABLATION_OFFSET)
+
+
+@register("ablation-cam", summary="Ablation-CAM: relative drop of the target logit when a channel is ablated (Desai & Ramaswamy, WACV 2020)")
+def ablation_cam(split, params, x, activations, targets, logits, *, key=None, chunk_size: int = DEFAULT_CHUNK,
+                 channels=None, ablation_value=None):
+    r"""Ablation-CAM (Desai & Ramaswamy, "Ablation-CAM: Visual Explanations for
+    Deep Convolutional Network via Gradient-free Localization", WACV 2020).
+
+    With :math:`y^c` the target logit and :math:`y^c_k` the head's target logit
+    on the activations with channel ``k`` ablated,
+
+    .. math::  w_k = \frac{y^c - y^c_k}{y^c}.
+
+    Only the head runs on the ablated activations (``K`` head passes per
+    image, ``chunk_size`` channels at a time). The ablated channel is set to
+    :func:`ablation_values` (pytorch-grad-cam's rule: 0 for post-ReLU
+    activations whose minimum is 0, else ``min(A) - 1e7``), or to
+    ``ablation_value`` if given.
+
+    Deliberate difference from pytorch-grad-cam 1.5.7: when ``min(A) != 0``
+    its ``AblationLayer`` recomputes ``min`` over the batch of ablated copies
+    while writing into it, so the k-th copy of a chunk gets
+    ``min(A) - k * 1e7`` (the value depends on the channel's position in the
+    chunk); here every channel gets the same value. For the usual post-ReLU
+    split points (``min(A) = 0``) the two agree.
+    """
+    del x, key
+    chunk_size = _chunk(chunk_size)
+    a = activations
+    k = a.shape[-1]
+    idx = _channels(channels, k)
+    if ablation_value is None:
+        value = ablation_values(a)
+    else:
+        value = jnp.broadcast_to(jnp.asarray(ablation_value, a.dtype), a.shape[:1])
+    value = value.astype(a.dtype)[:, None, None, None]
+    original = _pick(logits, targets)
+    channel = jnp.arange(k)
+
+    def ablated_score(c):
+        return _pick(split.head(params, jnp.where(channel == c, value, a)), targets)  # (B,)
+
+    scores = jax.lax.map(ablated_score, jnp.asarray(idx), batch_size=chunk_size)  # (n, B)
+    weights = (original[:, None] - scores.T) / original[:, None]
+    return Attribution(_scatter(weights, idx, k))
