@@ -1,0 +1,397 @@
+r"""Layer-wise relevance propagation (LRP-epsilon) as a transformation of JAX functions.
+
+LRP (Bach, Binder, Montavon, Klauschen, Müller & Samek, "On Pixel-Wise
+Explanations for Non-Linear Classifier Decisions by Layer-Wise Relevance
+Propagation", PLoS ONE 10(7) 2015) redistributes an output score backwards,
+layer by layer, in proportion to each input's contribution. For an affine
+operation :math:`z_j = \sum_i x_i w_{ij} + b_j` the epsilon rule is
+
+.. math::
+    R_{x_i} = x_i \sum_j w_{ij} \frac{R_{z_j}}{z_j + \epsilon\,\mathrm{sign}(z_j)}
+    \quad\text{i.e.}\quad R_x = x \odot J^\top\!\Big(\frac{R_z}{\mathrm{stab}(z)}\Big),
+
+with :math:`\mathrm{sign}(0) = +1` and :math:`\epsilon = 10^{-9}` (Captum's
+``EpsilonRule``). The relevance starts at the explained output: ``one_hot(c) *
+f(x)`` (the target logit), and the bias and the stabiliser absorb what does
+not reach the input, so :math:`\sum R_x \approx f(x)_c` (exactly when the
+function is linear without biases).
+
+This module interprets the function's jaxpr (like :mod:`liftcam_jax.rescale`,
+whose primitive tables it shares): a forward pass stores every value that
+depends on the input, then a reverse pass applies one rule per equation:
+
+* affine equations (``dot_general``/``conv_general_dilated`` with a constant
+  kernel, ``mul``/``div`` by a constant, ``add`` of a bias, ``reduce_sum``,
+  ``reduce_window_sum`` (average pooling), ...): the epsilon rule above, with
+  :math:`J` the equation's Jacobian. An ``add``/``sub`` of two input-dependent
+  values (a residual connection) splits the relevance in proportion to each
+  summand, :math:`R_a = a \odot R_z/\mathrm{stab}(z)`, the same rule;
+* max-/min-pooling (``reduce_window_max``, ``reduce_max``, ...): the epsilon
+  rule with the pooling's local Jacobian (the arg-max routing), which is what
+  Captum's ``EpsilonRule`` on ``MaxPool2d`` computes;
+* structural equations (reshape, transpose, broadcast, slice, concatenate,
+  type conversion, gather, ...): relevance moves with the transpose of the
+  map, unchanged;
+* elementwise nonlinearities (``max`` with a constant, ``tanh``, ``jax.nn.relu``
+  and other elementwise ``custom_jvp`` functions): relevance passes through
+  unchanged (Captum's rule for ``ReLU``, ``Tanh`` and ``Dropout``);
+* calls (``jit``, ``custom_vjp``, non-elementwise ``custom_jvp``, ...):
+  interpreted recursively.
+
+Anything else that depends on the input (a product of two activations, a
+data-dependent index) raises :class:`NoRelevanceRule` naming the primitive.
+
+*Per-equation versus per-module epsilon.* Captum applies the rule once per
+``nn.Module``: a ``Linear`` is one affine map with one stabiliser on its output
+``Wx + b``. A Flax ``Dense`` is two equations, ``u = x W`` then ``z = u + b``,
+and this module stabilises both. Composing the two rules gives
+:math:`R_x = x \odot W^\top\big(\tfrac{u}{\mathrm{stab}(u)} \odot
+\tfrac{R_z}{\mathrm{stab}(z)}\big)`, which is the per-module rule up to the
+factor :math:`u/\mathrm{stab}(u) = 1 - \epsilon/|u|`: the two placements agree
+up to :math:`\epsilon` (likewise for batch norm, written as a ``sub``, a
+``mul`` and an ``add``, and for average pooling, a window sum then a division).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.extend import core as jcore
+
+from .rescale import (
+    _CALLS,
+    _CHOOSERS,
+    _ELEMENTWISE,
+    _LINEAR,
+    _LINEAR_IN,
+    _bind,
+    _body_is_elementwise,
+    _eqn_fn,
+    _is_float,
+    _sub_jaxpr,
+)
+
+__all__ = [
+    "DEFAULT_EPSILON",
+    "Lrp",
+    "NoRelevanceRule",
+    "Propagation",
+    "lrp",
+    "propagate",
+    "stabilize",
+]
+
+DEFAULT_EPSILON = 1e-9
+"""Captum's ``EpsilonRule`` default (``PropagationRule.STABILITY_FACTOR``)."""
+
+
+class NoRelevanceRule(NotImplementedError):
+    """Raised when an input-dependent primitive has no LRP rule."""
+
+
+# Linear primitives whose Jacobian only moves, copies or selects entries: the
+# relevance follows the transpose exactly (the epsilon rule would give the same
+# up to a factor x / stab(x)). A subset of rescale's linear tables.
+_STRUCTURAL = frozenset({
+    "reshape", "transpose", "broadcast_in_dim", "squeeze", "expand_dims",
+    "slice", "concatenate", "pad", "convert_element_type", "copy", "copy_p",
+    "rev", "reduce_precision", "sharding_constraint", "split",
+    "dynamic_update_slice", "squeeze_p", "optimization_barrier", "pvary",
+    "mesh_cast", "select_n", "dynamic_slice", "gather",
+})
+assert _STRUCTURAL <= set(_LINEAR) | set(_LINEAR_IN)
+
+
+def stabilize(z, epsilon: float = DEFAULT_EPSILON):
+    r"""``z + epsilon * sign(z)`` with ``sign(0) = +1`` (the LRP-epsilon denominator)."""
+    return z + jnp.where(z >= 0, epsilon, -epsilon).astype(jnp.result_type(z))
+
+
+class _Ctx(NamedTuple):
+    epsilon: float
+
+
+# ---------------------------------------------------------------------------
+# rules: each returns (outputs, back) where back maps the relevance of the
+# outputs (None for an output that receives none) to the relevance of the
+# input-dependent operands, in operand order.
+# ---------------------------------------------------------------------------
+
+def _fill(outs, rs):
+    return [jnp.zeros_like(o) if r is None else r for o, r in zip(outs, rs)]
+
+
+def _structural_rule(eqn, ins, dep_idx, ctx):
+    outs, vjp = jax.vjp(_eqn_fn(eqn, ins, dep_idx), *[ins[i] for i in dep_idx])
+
+    def back(rs):
+        return list(vjp(_fill(outs, rs)))
+
+    return outs, back
+
+
+def _epsilon_rule(eqn, ins, dep_idx, ctx):
+    xs = [ins[i] for i in dep_idx]
+    outs, vjp = jax.vjp(_eqn_fn(eqn, ins, dep_idx), *xs)
+
+    def back(rs):
+        s = [r / stabilize(o, ctx.epsilon) for o, r in zip(outs, _fill(outs, rs))]
+        return [x * g for x, g in zip(xs, vjp(s))]
+
+    return outs, back
+
+
+def _pass_through_rule(eqn, ins, dep_idx, ctx):
+    (i,) = dep_idx
+    outs = _bind(eqn, ins)
+    shape = jnp.shape(ins[i])
+
+    def back(rs):
+        (r,) = _fill(outs, rs)
+        if jnp.shape(r) != shape:  # a scalar operand broadcast against a constant array
+            r = jnp.sum(r).reshape(shape)
+        return [r]
+
+    return outs, back
+
+
+def _call_rule(eqn, ins, dep_idx, ctx):
+    sub = _sub_jaxpr(eqn.params)
+    if sub is None:
+        raise NoRelevanceRule(f"cannot look inside call primitive {eqn.primitive.name!r}")
+    jaxpr, consts = sub
+    nconsts = len(ins) - len(jaxpr.invars)
+    shift = max(nconsts, 0)
+    sub_dep = [i - shift for i in dep_idx]
+    if any(i < 0 for i in sub_dep):
+        raise NoRelevanceRule(f"input-dependent constants of {eqn.primitive.name!r}")
+    args = ins[shift:]
+    outs, backward = _interpret(jaxpr, consts, args, set(sub_dep), ctx)
+
+    def back(rs):
+        rin = backward(rs)
+        return [rin[i] for i in sub_dep]
+
+    return outs, back
+
+
+def _custom_jvp_rule(eqn, ins, dep_idx, ctx):
+    jaxpr, _ = _sub_jaxpr(eqn.params)
+    if (
+        len(dep_idx) == 1
+        and len(eqn.outvars) == 1
+        and tuple(eqn.outvars[0].aval.shape) == tuple(jnp.shape(ins[dep_idx[0]]))
+        and _body_is_elementwise(jaxpr)
+    ):
+        return _pass_through_rule(eqn, ins, dep_idx, ctx)  # relu, relu6, softplus, ...
+    return _call_rule(eqn, ins, dep_idx, ctx)
+
+
+def _rule_for(eqn, ins, dep_idx):
+    name = eqn.primitive.name
+    if name == "custom_jvp_call":
+        return _custom_jvp_rule
+    if name in _CALLS or (_sub_jaxpr(eqn.params) is not None and name not in _LINEAR_IN):
+        return _call_rule
+    if name in _LINEAR or name in _LINEAR_IN:
+        allowed = _LINEAR_IN.get(name, "all")
+        if allowed is None and len(dep_idx) != 1:
+            raise NoRelevanceRule(
+                f"no LRP rule for {name!r} of two input-dependent values "
+                "(a product of activations is not an affine map of its input)"
+            )
+        if allowed == "cases":
+            allowed = tuple(range(1, len(ins)))
+        if isinstance(allowed, tuple) and not set(dep_idx) <= set(allowed):
+            raise NoRelevanceRule(
+                f"no LRP rule for {name!r} with an input-dependent operand in position "
+                f"{sorted(set(dep_idx) - set(allowed))} (e.g. a data-dependent branch or index)"
+            )
+        return _structural_rule if name in _STRUCTURAL else _epsilon_rule
+    if name in _ELEMENTWISE:
+        if len(dep_idx) == 1:
+            return _pass_through_rule
+        raise NoRelevanceRule(
+            f"no LRP rule for {name!r} of {len(dep_idx)} input-dependent values "
+            "(relevance passes through elementwise functions of one value only)"
+        )
+    if name in _CHOOSERS:
+        if dep_idx == [0] and len(ins) == 1:
+            return _epsilon_rule
+        raise NoRelevanceRule(f"no LRP rule for {name!r} with these operands")
+    raise NoRelevanceRule(f"no LRP rule for primitive {name!r} applied to an input-dependent value")
+
+
+# ---------------------------------------------------------------------------
+# the interpreter
+# ---------------------------------------------------------------------------
+
+def _interpret(jaxpr, consts, args, dep_pos, ctx):
+    """Evaluate ``jaxpr``; ``dep_pos`` are the positions of the input-dependent arguments.
+
+    Returns the outputs and ``backward``: a function from the relevance of the
+    outputs (a list, ``None`` where an output receives none) to the relevance
+    of the arguments (a list, ``None`` where an argument receives none).
+    """
+    env, dep = {}, set()
+
+    def read(v):
+        return v.val if isinstance(v, jcore.Literal) else env[v]
+
+    for v, c in zip(jaxpr.constvars, consts):
+        env[v] = c
+    for i, (v, a) in enumerate(zip(jaxpr.invars, args)):
+        env[v] = a
+        if i in dep_pos:
+            dep.add(v)
+
+    def is_dep(v):
+        return not isinstance(v, jcore.Literal) and v in dep
+
+    steps = []
+    for eqn in jaxpr.eqns:
+        ins = [read(v) for v in eqn.invars]
+        dep_idx = [i for i, v in enumerate(eqn.invars) if is_dep(v)]
+        if not dep_idx:
+            outs = _bind(eqn, ins)
+        else:
+            for i in dep_idx:
+                if not _is_float(ins[i]):
+                    raise NoRelevanceRule(
+                        f"primitive {eqn.primitive.name!r} receives an input-dependent "
+                        f"{jnp.result_type(ins[i])} value; LRP needs real-valued paths"
+                    )
+            rule = _rule_for(eqn, ins, dep_idx)
+            outs, back = rule(eqn, ins, dep_idx, ctx)
+            for o, v in zip(outs, eqn.outvars):
+                if isinstance(v, jcore.DropVar):
+                    continue
+                if not _is_float(o):
+                    raise NoRelevanceRule(
+                        f"primitive {eqn.primitive.name!r} computes a {jnp.result_type(o)} "
+                        "value from the input (a data-dependent branch or index has no LRP rule)"
+                    )
+                dep.add(v)
+            steps.append(([eqn.invars[i] for i in dep_idx], eqn.outvars, back))
+        for v, o in zip(eqn.outvars, outs):
+            if not isinstance(v, jcore.DropVar):
+                env[v] = o
+
+    outs = [read(v) for v in jaxpr.outvars]
+
+    def backward(out_rel):
+        renv = {}
+
+        def add(v, r):
+            if r is None or not is_dep(v):
+                return
+            renv[v] = r if v not in renv else renv[v] + r
+
+        for v, r in zip(jaxpr.outvars, out_rel):
+            add(v, r)
+        for in_vars, out_vars, back in reversed(steps):
+            rs = [None if isinstance(v, jcore.DropVar) else renv.get(v) for v in out_vars]
+            if all(r is None for r in rs):
+                continue  # nothing downstream of this equation is explained
+            for v, r in zip(in_vars, back(rs)):
+                add(v, r)
+        return [renv.get(v) if is_dep(v) else None for v in jaxpr.invars]
+
+    return outs, backward
+
+
+# ---------------------------------------------------------------------------
+# public API
+# ---------------------------------------------------------------------------
+
+class Propagation(NamedTuple):
+    """``fun(x)`` and the LRP-epsilon map from output relevance to input relevance.
+
+    ``relevance(r_out)`` takes a pytree shaped like ``out`` (the relevance
+    assigned to each output) and returns a pytree shaped like ``x``. It is
+    linear in ``r_out`` (the forward values are fixed), so it can be
+    ``jax.vmap``-ped over several targets.
+    """
+
+    out: Any
+    relevance: Callable[[Any], Any]
+
+
+def propagate(fun: Callable, x, *, epsilon: float = DEFAULT_EPSILON) -> Propagation:
+    """Run ``fun`` on ``x`` and build its LRP-epsilon backward pass.
+
+    Args:
+      fun: a JAX function of one pytree argument (close over the rest, e.g.
+        ``lambda a: head(params, a)``).
+      x: the input (pytree of float arrays).
+      epsilon: the stabiliser of the epsilon rule.
+    """
+    flat_x, tree = jax.tree_util.tree_flatten(x)
+    out_tree = []
+
+    def flat_fun(*xs):
+        leaves, otree = jax.tree_util.tree_flatten(fun(jax.tree_util.tree_unflatten(tree, xs)))
+        out_tree.append(otree)
+        return leaves
+
+    closed = jax.make_jaxpr(flat_fun)(*flat_x)
+    otree = out_tree[-1]
+    outs, backward = _interpret(
+        closed.jaxpr, closed.consts, list(flat_x), set(range(len(flat_x))), _Ctx(float(epsilon))
+    )
+
+    def relevance(r_out):
+        rin = backward(list(jax.tree_util.tree_leaves(r_out)))
+        rin = [jnp.zeros_like(a) if r is None else r for r, a in zip(rin, flat_x)]
+        return jax.tree_util.tree_unflatten(tree, rin)
+
+    return Propagation(jax.tree_util.tree_unflatten(otree, outs), relevance)
+
+
+class Lrp(NamedTuple):
+    """LRP-epsilon attributions of one target per example.
+
+    ``attributions`` has the shape of ``x``; ``delta = out[target] -
+    sum(attributions)`` per example is the relevance absorbed by biases and
+    stabilisers (Captum's convergence delta).
+    """
+
+    attributions: Any
+    out: Any
+    delta: Any
+
+
+def lrp(fun: Callable, x, targets=None, *, epsilon: float = DEFAULT_EPSILON) -> Lrp:
+    """LRP-epsilon relevance of a batched classifier-like function (Bach et al., 2015).
+
+    The relevance starts at the target output, ``one_hot(target) * fun(x)``,
+    and is propagated back to ``x`` with the rules of this module.
+
+    Args:
+      fun: maps ``x`` of shape ``(B, ...)`` to ``(B, C)`` (or ``(B,)``), examples
+        independent of each other.
+      x: the batch of inputs.
+      targets: ``(B,)`` output index per example, or one int; ``None`` takes the
+        arg-max of ``fun(x)``. Ignored for ``(B,)`` outputs.
+
+    Example::
+
+        res = lrp(lambda a: head(params, a), activations, targets)
+        phi = res.attributions.sum(axis=(1, 2))     # LRP-CAM coefficients
+    """
+    x = jnp.asarray(x)
+    prop = propagate(fun, x, epsilon=epsilon)
+    out = prop.out
+    if out.ndim == 1:
+        r_out = out
+        score = out
+    else:
+        if targets is None:
+            targets = jnp.argmax(out, axis=-1)
+        targets = jnp.broadcast_to(jnp.asarray(targets, jnp.int32), out.shape[:1])
+        r_out = jax.nn.one_hot(targets, out.shape[-1], dtype=out.dtype) * out
+        score = jnp.sum(r_out, axis=-1)
+    attr = prop.relevance(r_out)
+    delta = score - jnp.sum(attr.reshape(attr.shape[0], -1), axis=-1)
+    return Lrp(attr, out, delta)
