@@ -217,6 +217,27 @@ def _one_line(e: BaseException) -> str:
     return lines[0] if lines else type(e).__name__
 
 
+MAX_RESIZED_PIXELS = 1 << 26  # 67 Mpx: ~200 MB for the resized RGB intermediate
+
+
+def _check_resize_cost(prep, hw) -> None:
+    """Refuse images whose aspect ratio would blow up ``shorter_crop``'s intermediate image.
+
+    ``shorter_crop`` resizes the shorter side to ``resize_to`` before cropping,
+    so a 1 x 100000 strip would become 256 x 25.6 M pixels.
+    """
+    h, w = int(hw[0]), int(hw[1])
+    if getattr(prep, "resize", None) != "shorter_crop" or min(h, w) < 1:
+        return
+    r = int(getattr(prep, "resize_to", prep.size))
+    pixels = r * int(r * max(h, w) / min(h, w))
+    if pixels > MAX_RESIZED_PIXELS:
+        raise ItemError(
+            f"aspect ratio too extreme ({w}x{h}): resizing the shorter side to {r} would make a "
+            f"{pixels}-pixel image (limit {MAX_RESIZED_PIXELS})"
+        )
+
+
 class _Reader(threading.Thread):
     """Reads, decodes and preprocesses items in order; emits ``("batch", entries)`` and ``("fail", item, msg)``."""
 
@@ -244,6 +265,7 @@ class _Reader(threading.Thread):
         arr = load()
         size = int(self.prep.size)
         if item.kind == "image":
+            _check_resize_cost(self.prep, arr.shape[:2])
             shown = self.prep.resize_image(arr)
             x = np.asarray(self.prep.normalize(shown), np.float32)
             return x, (shown if self.keep_display else None)

@@ -97,6 +97,19 @@ def test_npy_inputs_are_not_preprocessed_again(tmp_path, clf):
     assert not (out / "batch_2.npz").exists()
 
 
+def test_tiny_images_are_upscaled_and_extreme_strips_refused(tmp_path, clf):
+    d = tmp_path / "in"
+    d.mkdir()
+    Image.new("RGB", (1, 1), (200, 10, 10)).save(d / "dot.png")
+    Image.new("L", (60000, 1)).save(d / "strip.png")  # 36 x 2.16 M pixels once resized: refused
+    s = batch.run(clf, [str(d)], out_dir=tmp_path / "out", quiet=True)
+    assert (s.done, s.failed) == (1, 1)
+    rec = batch.read_manifests(tmp_path / "out")
+    assert "aspect ratio too extreme" in rec["in/strip"]["error"]
+    png = np.asarray(Image.open(tmp_path / "out" / "in" / "dot.png"))
+    assert png.shape == (32, 32, 3)
+
+
 def test_save_modes_and_explicit_target(tmp_path, clf):
     _photos(tmp_path / "in", 2)
     s = batch.run(clf, [str(tmp_path / "in")], out_dir=tmp_path / "raw", save="raw", target=7, quiet=True)

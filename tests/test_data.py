@@ -167,6 +167,7 @@ def test_unreadable_path(tmp_path):
         decode_image(tmp_path)  # a folder
 
 
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
 @pytest.mark.parametrize("limit", [300, 100])  # 400 px: between 1x and 2x (PIL warns), above 2x (PIL raises)
 def test_decompression_bomb(tmp_path, monkeypatch, limit):
     p = tmp_path / "big.png"

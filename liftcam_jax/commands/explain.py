@@ -63,6 +63,9 @@ def add_arguments(parser):
     parser.add_argument("--alpha", type=float, default=0.5, help="heat-map weight in the overlays (default 0.5)")
     parser.add_argument("--cmap", default="jet", help="overlay colormap: jet, hot or gray (default jet)")
     parser.add_argument("--seed", type=int, default=0, help="PRNG seed for randomised methods (default 0)")
+    parser.add_argument("--distributed", action="store_true",
+                        help="several hosts: call jax.distributed.initialize() (cluster settings from the "
+                             "environment); each host explains its share of the inputs on its own devices")
     parser.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
 
 
@@ -70,6 +73,13 @@ def run(args, zoo) -> int:
     from .. import batch
 
     _methods.get(args.method)  # a bad name fails before the model loads
+    if args.distributed:
+        import jax
+
+        try:
+            jax.distributed.initialize()
+        except Exception as e:  # no cluster found, or a bad coordinator address
+            raise UsageError(f"--distributed: jax.distributed.initialize() failed: {str(e).splitlines()[0]}") from None
     names = list(zoo.names())
     if args.model not in names:
         raise UsageError(f"unknown model {args.model!r}; valid models: {', '.join(names)}")
