@@ -67,7 +67,7 @@ import numpy as np
 from . import io as _io
 from . import methods as _methods
 from .data import Item, ItemError, Source, open_inputs
-from .errors import UsageError
+from .errors import LiftcamError, UsageError
 
 __all__ = ["Summary", "run", "manifest_name", "read_manifests", "output_paths"]
 
@@ -509,6 +509,23 @@ def run(
         key = None if base_key is None else jax.random.fold_in(base_key, index)
         return entries, step(params, xs, ts, key)
 
+    def write_one(rel, path, i, x, shown, tgt, pred, host):
+        if rel.endswith(".npz"):
+            _io.write_npz(
+                path,
+                map=np.asarray(host.maps[i], np.float32),
+                raw=np.asarray(host.raw[i], np.float32),
+                coefficients=np.asarray(host.coefficients[i], np.float32),
+                logits=np.asarray(host.logits[i], np.float32),
+                target=np.int64(tgt),
+                predicted=np.int64(pred),
+                reference_logits=None if host.reference_logits is None
+                else np.asarray(host.reference_logits[i], np.float32),
+            )
+        else:
+            base = shown if shown is not None else prep.denormalize(x)
+            _io.write_png(path, overlay(base, np.asarray(host.maps[i]), alpha=alpha, cmap=cmap))
+
     def write(entries, exp):
         host = jax.device_get(exp)
         for i, (item, x, shown) in enumerate(entries):
@@ -517,21 +534,12 @@ def run(
             pred = int(np.argmax(host.logits[i]))
             for rel in outputs:
                 path = os.path.join(out_dir, rel)
-                if rel.endswith(".npz"):
-                    _io.write_npz(
-                        path,
-                        map=np.asarray(host.maps[i], np.float32),
-                        raw=np.asarray(host.raw[i], np.float32),
-                        coefficients=np.asarray(host.coefficients[i], np.float32),
-                        logits=np.asarray(host.logits[i], np.float32),
-                        target=np.int64(tgt),
-                        predicted=np.int64(pred),
-                        reference_logits=None if host.reference_logits is None
-                        else np.asarray(host.reference_logits[i], np.float32),
-                    )
-                else:
-                    base = shown if shown is not None else prep.denormalize(x)
-                    _io.write_png(path, overlay(base, np.asarray(host.maps[i]), alpha=alpha, cmap=cmap))
+                try:
+                    write_one(rel, path, i, x, shown, tgt, pred, host)
+                except OSError as e:  # disk full, folder removed...: fatal, the rerun resumes
+                    raise LiftcamError(
+                        f"cannot write {path}: {e.strerror or e} (fix it and rerun the same command to resume)"
+                    ) from None
             manifest.append({
                 "id": item.id, "source": item.source, "status": "done", "outputs": outputs, "error": None,
                 "target": tgt, "target_name": classifier.class_name(tgt),

@@ -141,6 +141,19 @@ def test_usage_errors_for_inputs_and_output(tmp_path, capsys):
             assert rc == 2 and message in err and "Traceback" not in err, err
 
 
+def test_a_write_failure_stops_the_run_with_one_line_and_resumes_later(tmp_path, capsys):
+    d = _photos(tmp_path / "in", 3)
+    blocker = tmp_path / "out" / "in" / "p01.npz"
+    blocker.mkdir(parents=True)  # a folder where an output file must go
+    assert cli(d, "--model", "tiny", "--out", tmp_path / "out", "--quiet") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("liftcam-jax: error: cannot write ") and "p01.npz" in err and "Traceback" not in err
+    blocker.rmdir()
+    assert cli(d, "--model", "tiny", "--out", tmp_path / "out", "--quiet") == 0
+    rec = _lines(tmp_path / "out" / "manifest.jsonl")
+    assert sorted(r["id"] for r in rec) == ["in/p00", "in/p01", "in/p02"]
+
+
 def test_quiet_prints_nothing_and_exit_0(tmp_path, capsys):
     d = _photos(tmp_path / "in", 3)
     assert cli(d, "--model", "tiny", "--out", tmp_path / "out", "--quiet") == 0

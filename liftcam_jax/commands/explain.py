@@ -11,7 +11,8 @@ already preprocessed for the model; TFDS splits tfds:NAME[/CONFIG]:SPLIT
 
 The batch is split over all local devices (rounded up to a multiple of their
 number). Exit status: 0 when every input was explained, 1 when some failed
-(see the manifest), 2 for a usage error (nothing done).
+(see the manifest), 2 for a usage error (nothing done) or a fatal error such
+as a full disk (rerun the same command to resume).
 """
 from __future__ import annotations
 
