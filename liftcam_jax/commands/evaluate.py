@@ -109,7 +109,7 @@ def add_arguments(parser):
     g.add_argument("--tolerance", type=float, default=M.POINTING_TOLERANCE,
                    help=f"pointing game tolerance in pixels (default {M.POINTING_TOLERANCE})")
     g.add_argument("--shap-method", default="permutation", help="SHAP estimator: permutation, kernel or exact")
-    g.add_argument("--shap-samples", type=_positive, default=16, help="SHAP samples per image (default 16)")
+    g.add_argument("--shap-samples", type=_positive, default=16, help="SHAP samples per image: permutations or coalitions, even (default 16)")
     g.add_argument("--shap-chunk", type=_positive, default=64, help="SHAP head evaluations per call (default 64)")
     g.add_argument("--topk", type=_positive, default=10, help="k of the SHAP top-k overlap (default 10)")
     g = parser.add_argument_group("outputs")
@@ -340,14 +340,19 @@ class _Evaluator:
         return self.compiled[method]
 
     def shap(self, x, t):
-        from .. import shap as _shap
+        """Sampled SHAP values of the activation maps for the targets, and their standard errors."""
+        if not hasattr(self, "_shap_fn"):
+            from .. import shap as _shap
 
-        cfg = self.cfg
+            cfg, head = self.cfg, self.split.head
+
+            def fn(params, a, t, key):
+                return _shap.shap_values(head, params, a, t, method=cfg["shap_method"],
+                                         num_samples=cfg["shap_samples"], key=key, chunk_size=cfg["shap_chunk"])
+
+            self._shap_fn = self.jax.jit(fn)
         a = self.features_fn(self.params, x)
-        values, stderr = _shap.shap_values(
-            self.split.head, self.params, a, t, method=cfg["shap_method"], num_samples=cfg["shap_samples"],
-            key=self.jax.random.PRNGKey(cfg["seed"]), chunk_size=cfg["shap_chunk"],
-        )
+        values, stderr = self._shap_fn(self.params, a, t, self.jax.random.PRNGKey(self.cfg["seed"]))
         return np.asarray(values, np.float32), np.asarray(stderr, np.float32)
 
     def run_method(self, method, x, t, boxes, valid, shap_values):
@@ -406,9 +411,14 @@ def run(args, zoo) -> int:
         raise UsageError(f"--tolerance must be >= 0, got {args.tolerance}")
     if "shap" in metrics:
         try:
-            from .. import shap as _shap  # noqa: F401
+            from .. import shap as _shap
         except ImportError:
             raise UsageError("the 'shap' metric needs liftcam_jax.shap, which is not available") from None
+        if args.shap_method not in _shap.METHODS:
+            raise UsageError(f"unknown --shap-method {args.shap_method!r}; valid: {', '.join(_shap.METHODS)}")
+        if args.shap_method != "exact" and (args.shap_samples < 4 or args.shap_samples % 2):
+            raise UsageError(f"--shap-samples must be even and at least 4 (samples come in pairs), "
+                             f"got {args.shap_samples}")
     names = list(zoo.names())
     if args.model not in names:
         raise UsageError(f"unknown model {args.model!r}; valid models: {', '.join(names)}")

@@ -1,0 +1,291 @@
+"""``liftcam-jax evaluate`` end to end on the fake zoo, checked against the metrics called directly.
+
+The pipeline (labels.csv / boxes.csv, decoding, preprocessing, box geometry,
+padding of the last batch, targets, the log, aggregation) is compared with
+:func:`liftcam_jax.explain` and :mod:`liftcam_jax.metrics` applied by hand to
+the same images, so it cannot change a number unnoticed.
+"""
+import io
+import json
+import os
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+sys.path.insert(0, os.path.dirname(__file__))
+import fake_zoo  # noqa: E402
+
+from liftcam_jax import explain, metrics  # noqa: E402
+from liftcam_jax.commands import evaluate as ev  # noqa: E402
+from liftcam_jax.data import decode_image  # noqa: E402
+
+SHAPES = [(40, 50), (36, 36), (60, 45), (32, 40)]
+LABELS = [3, 0, 7, 9]
+
+
+def make_data(folder, boxes=True):
+    rng = np.random.default_rng(0)
+    (folder / "imgs").mkdir(parents=True)
+    rows = ["file,imagenet_index,class_name"]
+    brows = ["file,xmin,ymin,xmax,ymax,synset"]
+    for i, (h, w) in enumerate(SHAPES):
+        a = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        a[h // 4: h // 2, w // 3: w - 4] //= 3  # some structure
+        Image.fromarray(a).save(folder / "imgs" / f"im{i}.png")
+        rows.append(f"imgs/im{i}.png,{LABELS[i]},thing{i}")
+        if i == 3:
+            continue  # no box: localisation undefined for this image
+        brows.append(f"imgs/im{i}.png,{4 + i},{6},{w - 10},{h - 8 - i},n0")
+        if i == 0:
+            brows.append(f"imgs/im{i}.png,0,0,5,4,n0")
+    (folder / "labels.csv").write_text("\n".join(rows) + "\n")
+    if boxes:
+        (folder / "boxes.csv").write_text("\n".join(brows) + "\n")
+    return folder
+
+
+def cli(argv, capsys):
+    rc = fake_zoo.main(["evaluate"] + [str(a) for a in argv])
+    return rc, capsys.readouterr().err
+
+
+def log_lines(out):
+    return (out / ev.LOG).read_bytes().splitlines()
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_data(tmp_path_factory.mktemp("data"))
+
+
+METHODS = "lift-cam,grad-cam,score-cam"
+
+
+@pytest.fixture(scope="module")
+def first_run(data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "out"
+    rc = fake_zoo.main(["evaluate", "--data", str(data), "--model", "tiny", "--methods", METHODS,
+                        "--metrics", "all", "--out", str(out), "--batch-size", "3", "--step", "100",
+                        "--shap-samples", "4", "--quiet"])
+    assert rc == 0
+    return out
+
+
+def test_outputs_and_table(first_run):
+    out = first_run
+    res = json.loads((out / "results.json").read_text())
+    assert res["images"] == 4
+    assert len(res["per_image"]) == 4 * 3
+    for m in METHODS.split(","):
+        agg = res["aggregate"][m]
+        assert agg["images"] == 4
+        for col in ("ad", "ic", "deletion", "insertion", "shap_cosine", "shap_spearman", "shap_topk"):
+            assert agg[col]["n"] == 4, (m, col)
+            assert agg[col]["low"] <= agg[col]["mean"] <= agg[col]["high"]
+        for col in ("epg", "pointing"):  # im3 has no box: left out
+            assert agg[col]["n"] == 3
+        assert len(agg["mean_deletion_curve"]) == len(res["config"]["fractions"]) == 12  # ceil(1024/100)+1
+    md = (out / "results.md").read_text()
+    for m in METHODS.split(","):
+        assert f"| {m} |" in md
+    assert "Student-t 95%" in md and "Deletion AUC" in md
+    for name in ("curves.png", "grid.png"):
+        with Image.open(out / name) as im:
+            assert im.size[0] > 100
+
+
+def test_numbers_match_the_metrics_applied_by_hand(first_run, data):
+    clf = fake_zoo.load("tiny")
+    pre = clf.preprocess
+    imgs = [decode_image(str(data / "imgs" / f"im{i}.png")) for i in range(4)]
+    x = jnp.asarray(np.stack([pre(im) for im in imgs]))
+    t = jnp.asarray(LABELS, jnp.int32)
+    exp = explain(clf.split, clf.params, x, t, method="lift-cam")
+    dele = metrics.deletion(clf.split, clf.params, x, exp.maps, t, step=100)
+    ins = metrics.insertion(clf.split, clf.params, x, exp.maps, t, step=100)
+    cc = metrics.confidence_change(clf.split, clf.params, x, exp.maps, t)
+    boxes = np.zeros((4, 2, 4), np.float32)
+    valid = np.zeros((4, 2), bool)
+    for line in (data / "boxes.csv").read_text().splitlines()[1:]:
+        f, *b = line.split(",")[:5]
+        i = int(f[-5])
+        j = int(valid[i].sum())
+        boxes[i, j] = metrics.boxes_to_input(np.asarray([b], float), SHAPES[i], pre)[0]
+        valid[i, j] = True
+    epg = metrics.energy_pointing_game(exp.maps, jnp.asarray(boxes), jnp.asarray(valid))
+    pg = metrics.pointing_game(exp.maps, jnp.asarray(boxes), jnp.asarray(valid))
+    recs = {r["item"]: r for r in map(json.loads, log_lines(first_run)) if r.get("method") == "lift-cam"}
+    for i in range(4):
+        r = recs[f"imgs/im{i}.png"]
+        assert r["target"] == LABELS[i] and r["label"] == LABELS[i]
+        got = r["metrics"]
+        np.testing.assert_allclose(got["deletion"], dele.auc[i], rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(got["insertion"], ins.auc[i], rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(r["curves"]["deletion"], dele.scores[i], rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(got["ad"], cc.drop[i], rtol=1e-4, atol=1e-5)
+        assert got["ic"] == float(cc.increase[i])
+        if i == 3:
+            assert got["epg"] is None and got["pointing"] is None
+        else:
+            np.testing.assert_allclose(got["epg"], epg[i], rtol=1e-5)
+            assert got["pointing"] == float(pg[i])
+    # the aggregate is the mean of the per-image values
+    res = json.loads((first_run / "results.json").read_text())
+    np.testing.assert_allclose(res["aggregate"]["lift-cam"]["deletion"]["mean"], float(np.mean(dele.auc)), rtol=1e-4)
+
+
+def test_lift_cam_matches_exact_shap_on_a_linear_head(first_run):
+    # tiny's default head is GAP -> Dense: LIFT-CAM's coefficients are the exact SHAP values,
+    # and every permutation sample is exact, so cosine and Spearman are 1 up to rounding.
+    res = json.loads((first_run / "results.json").read_text())
+    agg = res["aggregate"]["lift-cam"]
+    assert agg["shap_cosine"]["mean"] > 0.9999
+    assert agg["shap_spearman"]["mean"] > 0.999
+    assert agg["shap_topk"]["mean"] == 1.0
+
+
+def test_rerun_skips_everything_and_resumes_after_a_crash(first_run, data, capsys, tmp_path):
+    out = first_run
+    before = log_lines(out)
+    args = ["--data", data, "--model", "tiny", "--methods", METHODS, "--metrics", "all", "--out", out,
+            "--batch-size", "3", "--step", "100", "--shap-samples", "4"]
+    rc, err = cli(args, capsys)
+    assert rc == 0
+    assert "0 images evaluated, 4 skipped" in err
+    assert log_lines(out) == before
+    # a crash part-way: the log lost its last pairs and has a torn line
+    crashed = tmp_path / "crashed"
+    crashed.mkdir()
+    for name in ("run.json",):
+        (crashed / name).write_bytes((out / name).read_bytes())
+    (crashed / ev.LOG).write_bytes(b"\n".join(before[:5]) + b"\n" + before[5][:20])
+    args[args.index(out)] = crashed
+    rc, err = cli(args, capsys)
+    assert rc == 0
+    assert "skipped" in err
+    a = json.loads((out / "results.json").read_text())
+    b = json.loads((crashed / "results.json").read_text())
+    for m in METHODS.split(","):
+        for col in ("deletion", "insertion", "ad", "epg", "shap_cosine"):
+            np.testing.assert_allclose(a["aggregate"][m][col]["mean"], b["aggregate"][m][col]["mean"], rtol=1e-5)
+
+
+def test_all_methods_skip_cam_where_the_head_is_not_linear(data, capsys, tmp_path):
+    out = tmp_path / "o"
+    rc, err = cli(["--data", data, "--model", "tiny", "--layer", "conv1", "--methods", "all", "--metrics", "ad",
+                   "--limit", "1", "--out", out, "--grid", "1"], capsys)
+    assert rc == 0, err
+    res = json.loads((out / "results.json").read_text())
+    assert "cam" not in res["aggregate"]
+    assert set(res["aggregate"]) == set(m for m in ev._methods.names() if m != "cam")
+    assert "cam skipped" in (out / "results.md").read_text()
+    rc, err = cli(["--data", data, "--model", "tiny", "--layer", "conv1", "--methods", "cam", "--metrics", "ad",
+                   "--out", tmp_path / "o2"], capsys)
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "cam does not apply" in err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--metrics", "ad,foo"], "unknown metric 'foo'; valid metrics: ad, ic, deletion, insertion, epg, pointing, shap"),
+    (["--metrics", "all", "--methods", "nope"], "unknown method 'nope'"),
+    (["--metrics", "ad", "--step", "4", "--num-steps", "3"], "not both"),
+    (["--metrics", "shap", "--shap-method", "magic"], "unknown --shap-method 'magic'; valid: exact, permutation, kernel"),
+    (["--metrics", "shap", "--shap-samples", "5"], "must be even"),
+])
+def test_usage_errors_are_one_line(data, capsys, tmp_path, argv, message):
+    rc, err = cli(["--data", data, "--model", "tiny", "--out", tmp_path / "o"] + argv, capsys)
+    assert rc == 2
+    assert err.count("\n") == 1 and err.startswith("liftcam-jax: error: ") and message in err
+    assert not (tmp_path / "o" / ev.LOG).exists()
+
+
+def test_data_errors(tmp_path, capsys):
+    d = tmp_path / "d"
+    d.mkdir()
+    rc, err = cli(["--data", d, "--model", "tiny", "--metrics", "ad", "--out", tmp_path / "o"], capsys)
+    assert rc == 2 and "no labels.csv" in err
+    (d / "labels.csv").write_text("file,label\na.png,3\n")
+    rc, err = cli(["--data", d, "--model", "tiny", "--metrics", "ad", "--out", tmp_path / "o"], capsys)
+    assert rc == 2 and "no column 'imagenet_index'" in err
+
+
+def test_missing_image_and_bad_label_fail_alone(tmp_path, capsys):
+    d = make_data(tmp_path / "d", boxes=False)
+    with open(d / "labels.csv", "a") as f:
+        f.write("imgs/missing.png,1,x\nimgs/im1.png2,1,x\n")
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(d / "imgs" / "big.png")
+    with open(d / "labels.csv", "a") as f:
+        f.write("imgs/big.png,12,x\n")  # the fake zoo has 10 classes
+    out = tmp_path / "o"
+    rc, err = cli(["--data", d, "--model", "tiny", "--methods", "lift-cam", "--metrics", "ad,epg", "--out", out,
+                   "--quiet"], capsys)
+    assert rc == 1
+    assert "missing.png" in err and "out of range" in err
+    res = json.loads((out / "results.json").read_text())
+    assert res["aggregate"]["lift-cam"]["images"] == 4
+    assert res["aggregate"]["lift-cam"]["epg"]["n"] == 0  # no boxes.csv: undefined, not zero
+    # a different configuration into the same folder is refused
+    rc, err = cli(["--data", d, "--model", "tiny", "--methods", "lift-cam", "--metrics", "ad", "--out", out,
+                   "--substrate", "mean"], capsys)
+    assert rc == 2 and "different run" in err
+
+
+# ---------------------------------------------------------------------------
+# TFDS input: labels and boxes from the features
+# ---------------------------------------------------------------------------
+
+tfds = pytest.importorskip("tensorflow_datasets")
+
+
+def _png(a):
+    b = io.BytesIO()
+    Image.fromarray(a).save(b, format="PNG")
+    return b.getvalue()
+
+
+class EvaluateTinyBoxes(tfds.core.GeneratorBasedBuilder):
+    """Three images with labels and normalised boxes (no TensorFlow needed to prepare)."""
+
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+            "image": tfds.features.Image(shape=(None, None, 3)),
+            "label": tfds.features.ClassLabel(num_classes=10),
+            "objects": tfds.features.Sequence({"bbox": tfds.features.BBoxFeature()}),
+        }))
+
+    def _split_generators(self, dl_manager):
+        return {"train": self._generate_examples()}
+
+    def _generate_examples(self):
+        rng = np.random.default_rng(1)
+        for i in range(3):
+            img = rng.integers(0, 256, (40, 30 + 4 * i, 3), dtype=np.uint8)
+            yield i, {"image": _png(img), "label": 2 * i,
+                      "objects": {"bbox": [tfds.features.BBox(0.1, 0.2, 0.5, 0.6)] * (i + 1)}}
+
+
+def test_tfds_split_with_labels_and_boxes(tmp_path, capsys):
+    tdir = tmp_path / "tfds"
+    EvaluateTinyBoxes(data_dir=str(tdir), file_format="array_record").download_and_prepare()
+    out = tmp_path / "o"
+    rc, err = cli(["--data", "tfds:evaluate_tiny_boxes:train", "--data-dir", tdir, "--model", "tiny",
+                   "--methods", "lift-cam", "--metrics", "epg,pointing", "--out", out, "--quiet"], capsys)
+    assert rc == 0, err
+    recs = [json.loads(x) for x in log_lines(out)]
+    assert sorted(r["label"] for r in recs) == [0, 2, 4]
+    # boxes (ymin, xmin, ymax, xmax) = (0.1, 0.2, 0.5, 0.6) of a 40 x W image, through the preprocessing
+    clf = fake_zoo.load("tiny")
+    ds = tfds.data_source("evaluate_tiny_boxes", split="train", data_dir=str(tdir))
+    for r in recs:
+        idx = int(r["item"].rsplit("/", 1)[1])
+        img = np.asarray(ds[idx]["image"])
+        h, w = img.shape[:2]
+        x = jnp.asarray(clf.preprocess(img))[None]
+        exp = explain(clf.split, clf.params, x, jnp.asarray([r["label"]]), method="lift-cam")
+        box = metrics.boxes_to_input(np.array([[0.2 * w, 0.1 * h, 0.6 * w, 0.5 * h]]), (h, w), clf.preprocess)
+        want = metrics.energy_pointing_game(exp.maps, jnp.asarray(box)[None], jnp.ones((1, 1), bool))
+        np.testing.assert_allclose(r["metrics"]["epg"], want[0], rtol=1e-5)
