@@ -109,12 +109,13 @@ def torch_keys(model: StagedModel) -> Dict[str, Tuple[tuple, Tuple[int, ...]]]:
     """``{torch key: (variable path, expected torch shape)}`` for ``model``, in order."""
     family = _family(model)
     vgg = _vgg_prefixes(model) if family == "vgg" else {}
-    keys = {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(variable_shapes(model))[0]:
-        names = tuple(p.key for p in path)
-        stage, collection, modules, leaf_name = names[0], names[1], names[2:-1], names[-1]
-        prefix = _module_prefix(family, stage, modules, vgg)
-        keys[f"{prefix}.{_LEAF[(collection, leaf_name)]}"] = (names, torch_shape(leaf.shape))
+    shapes, keys = variable_shapes(model), {}
+    for stage in model.stage_names:
+        for path, leaf in jax.tree_util.tree_flatten_with_path(shapes[stage])[0]:
+            names = (stage,) + tuple(p.key for p in path)
+            collection, modules, leaf_name = names[1], names[2:-1], names[-1]
+            prefix = _module_prefix(family, stage, modules, vgg)
+            keys[f"{prefix}.{_LEAF[(collection, leaf_name)]}"] = (names, torch_shape(leaf.shape))
     return keys
 
 

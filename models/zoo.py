@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -102,9 +103,22 @@ def _lite0_checkpoint() -> Path:
 PRETRAINED: Dict[str, Callable[[], Path]] = {"efficientnet_lite0": _lite0_checkpoint}
 
 
-def random_params(model: StagedModel, seed: int = 0):
-    """Deterministic random variables (Flax's default initialisers, identity BN statistics)."""
-    return model.init(jax.random.PRNGKey(seed), jnp.zeros((1, 32, 32, 3), jnp.float32))
+def random_params(model: StagedModel, seed: int = 0) -> dict:
+    """Deterministic random variables, drawn with numpy (no compilation): He-normal
+    convolution kernels, LeCun-normal dense kernels, zero biases, identity BN."""
+    rng = np.random.default_rng(seed)
+
+    def draw(path, leaf):
+        names = [p.key for p in path]
+        shape = tuple(leaf.shape)
+        if names[-1] == "kernel":
+            gain = 2.0 if len(shape) == 4 else 1.0
+            std = math.sqrt(gain / math.prod(shape[:-1]))
+            return rng.standard_normal(shape, np.float32) * np.float32(std)
+        fill = 1.0 if names[-1] in ("scale", "var") else 0.0
+        return np.full(shape, fill, np.float32)
+
+    return jax.tree_util.tree_map_with_path(draw, convert.variable_shapes(model))
 
 
 def checkpoint_params(model: StagedModel, path) -> dict:
@@ -118,9 +132,9 @@ def checkpoint_params(model: StagedModel, path) -> dict:
     return convert.from_torch(load_state_dict(path), model)
 
 
-def _flatten(tree) -> Dict[str, np.ndarray]:
+def _flatten(tree) -> dict:
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {"/".join(p.key for p in path): np.asarray(v) for path, v in leaves}
+    return {"/".join(p.key for p in path): v for path, v in leaves}
 
 
 def _read_cache(file: Path, model: StagedModel):
@@ -132,7 +146,8 @@ def _read_cache(file: Path, model: StagedModel):
         return None
     expected = _flatten(convert.variable_shapes(model))
     if set(arrays) != set(expected) or any(
-            arrays[k].shape != expected[k].shape or arrays[k].dtype != np.float32 for k in expected):
+            arrays[k].shape != tuple(expected[k].shape) or arrays[k].dtype != np.float32
+            for k in expected):
         return None
     tree = {stage: {} for stage in model.stage_names}
     for key, value in arrays.items():
@@ -151,7 +166,7 @@ def _write_cache(file: Path, params) -> None:
         fd, tmp = tempfile.mkstemp(dir=file.parent, prefix=file.stem, suffix=".tmp")
         try:
             with os.fdopen(fd, "wb") as f:
-                np.savez(f, **_flatten(params))
+                np.savez(f, **{k: np.asarray(v) for k, v in _flatten(params).items()})
             os.chmod(tmp, 0o644)
             os.replace(tmp, file)
         finally:

@@ -1,0 +1,274 @@
+"""The Flax zoo without torch: architecture facts, stage splits, layers, pretrained Lite0."""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+import models
+from liftcam_jax import Classifier
+from liftcam_jax.errors import UsageError
+from models import UnknownLayerError
+from models.convert import variable_shapes
+from models.layers import adaptive_avg_pool, same_padding
+
+# Parameter counts published by torchvision 0.29 (weights docs) and timm 1.0
+# (tf_efficientnet_lite*): an independent check of every layer's shape.
+PARAM_COUNTS = {
+    "resnet18": 11_689_512,
+    "resnet34": 21_797_672,
+    "resnet50": 25_557_032,
+    "resnet101": 44_549_160,
+    "resnet152": 60_192_808,
+    "vgg11": 132_863_336,
+    "vgg11_bn": 132_868_840,
+    "vgg13": 133_047_848,
+    "vgg13_bn": 133_053_736,
+    "vgg16": 138_357_544,
+    "vgg16_bn": 138_365_992,
+    "vgg19": 143_667_240,
+    "vgg19_bn": 143_678_248,
+    "efficientnet_lite0": 4_652_008,
+    "efficientnet_lite1": 5_416_680,
+    "efficientnet_lite2": 6_092_072,
+}
+
+
+def test_names():
+    assert sorted(models.names()) == sorted(PARAM_COUNTS)
+
+
+@pytest.mark.parametrize("name", sorted(PARAM_COUNTS))
+def test_parameter_count(name):
+    shapes = variable_shapes(models.get(name))
+    n = sum(math.prod(l.shape) for s in shapes.values()
+            for l in jax.tree_util.tree_leaves(s.get("params", {})))
+    assert n == PARAM_COUNTS[name]
+
+
+@pytest.mark.parametrize("name, shape", [
+    ("resnet18", (1, 7, 7, 512)),
+    ("resnet50", (1, 7, 7, 2048)),
+    ("vgg16", (1, 14, 14, 512)),
+    ("vgg19_bn", (1, 14, 14, 512)),
+    ("efficientnet_lite0", (1, 7, 7, 1280)),
+])
+def test_default_split_shape_at_224(name, shape):
+    m = models.get(name)
+    params = variable_shapes(m)
+    x = jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32)
+    split = m.split()
+    a = jax.eval_shape(split.features, params, x)
+    assert a.shape == shape
+    assert jax.eval_shape(split.head, params, a).shape == (1, 1000)
+
+
+def test_stage_names_and_aliases():
+    vgg16 = models.get("vgg16")
+    convs = [s for s in vgg16.stage_names if s.startswith("conv")]
+    assert convs == ["conv1_1", "conv1_2", "conv2_1", "conv2_2", "conv3_1", "conv3_2", "conv3_3",
+                     "conv4_1", "conv4_2", "conv4_3", "conv5_1", "conv5_2", "conv5_3"]
+    assert vgg16.stage_names[-4:] == ("avgpool", "fc6", "fc7", "fc8")
+    assert vgg16.stage_names.index("pool4") == vgg16.stage_names.index("conv4_3") + 1
+    assert vgg16.default_layer == "conv5_3"
+    assert models.get("vgg19").default_layer == "conv5_4"
+    assert models.get("vgg11_bn").default_layer == "conv5_2"
+
+    r50 = models.get("resnet50")
+    blocks = [s for s in r50.stage_names if s.startswith("layer")]
+    assert [sum(b.startswith(f"layer{i}.") for b in blocks) for i in (1, 2, 3, 4)] == [3, 4, 6, 3]
+    assert r50.stage_names[:2] == ("stem", "maxpool") and r50.stage_names[-2:] == ("avgpool", "fc")
+    assert r50.resolve("layer4") == "layer4.2" and r50.resolve(None) == "layer4.2"
+    assert r50.resolve("layer3") == "layer3.5"
+
+    lite = models.get("efficientnet_lite0")
+    assert [s for s in lite.stage_names if s.startswith("blocks.")] == [f"blocks.{i}" for i in range(16)]
+    assert [lite.resolve(f"stage{i}") for i in range(1, 8)] == [
+        "blocks.0", "blocks.2", "blocks.4", "blocks.7", "blocks.10", "blocks.14", "blocks.15"]
+    assert lite.stage_names[-3:] == ("head_conv", "pool", "fc") and lite.default_layer == "head_conv"
+    # Lite1/2: first and last stage keep one block, the others scale by ceil(r * depth)
+    n1 = sum(s.startswith("blocks.") for s in models.get("efficientnet_lite1").stage_names)
+    assert n1 == 1 + 3 + 3 + 4 + 4 + 5 + 1
+
+
+def test_unknown_names():
+    with pytest.raises(UsageError, match="unknown model 'resnet19'.*resnet18.*efficientnet_lite0"):
+        models.get("resnet19")
+    with pytest.raises(UnknownLayerError, match="unknown layer 'layer5'.*layer4.1.*layer4"):
+        models.get("resnet18").split("layer5")
+    with pytest.raises(UnknownLayerError, match="valid layers: conv1_1"):
+        models.load("vgg11", "random", layer="conv6_1")
+    with pytest.raises(UnknownLayerError):  # the last stage is not a split
+        models.get("resnet18").split("fc")
+
+
+def test_no_bundled_weights_says_what_to_download():
+    with pytest.raises(UsageError, match=r"resnet18-f37072fd\.pth.*weights='random'"):
+        models.load("resnet18")
+    with pytest.raises(UsageError, match="weights file not found"):
+        models.load("resnet18", "/nonexistent/resnet18.pth")
+    with pytest.raises(UsageError, match="weights must be"):
+        models.load("resnet18", 3)
+
+
+# -- stage splitting ------------------------------------------------------------------
+
+@pytest.mark.parametrize("name, size", [
+    ("resnet18", 64),
+    ("vgg11", 32),
+    ("vgg11_bn", 32),
+    ("efficientnet_lite0", 64),
+])
+def test_head_of_features_is_the_model_at_every_split(name, size):
+    m = models.get(name)
+    params = models.zoo.random_params(m, seed=1)
+    # non-trivial batch statistics so that every BN does something
+    rng = np.random.default_rng(0)
+    params = jax.tree_util.tree_map_with_path(
+        lambda path, v: v + 0.2 * rng.random(v.shape, np.float32) if path[1].key == "batch_stats" else v,
+        params)
+    x = jax.random.normal(jax.random.PRNGKey(2), (2, size, size, 3))
+    logits = np.asarray(m.apply(params, x))
+    outs = m.stage_outputs(params, x)
+    assert np.all(np.isfinite(logits)) and logits.std() > 0
+    np.testing.assert_array_equal(np.asarray(outs[m.stage_names[-1]]), logits)
+    for layer in m.layers:
+        split = m.split(layer)
+        a = split.features(params, x)
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(outs[m.resolve(layer)]))
+        np.testing.assert_allclose(np.asarray(split.head(params, a)), logits, rtol=1e-6, atol=1e-6)
+
+
+def test_split_jits_and_vmaps():
+    m = models.get("resnet18")
+    params = jax.device_put(models.zoo.random_params(m))
+    x = jax.random.normal(jax.random.PRNGKey(2), (3, 32, 32, 3))
+    logits = np.asarray(m.apply(params, x))
+    tol = 1e-5 * np.abs(logits).max()
+    split = m.split("layer3")
+    f = jax.jit(lambda p, x: split.head(p, split.features(p, x)))
+    np.testing.assert_allclose(np.asarray(f(params, x)), logits, rtol=0, atol=tol)
+    per_image = jax.jit(jax.vmap(lambda xi: split(params, xi[None])[0]))(x)
+    np.testing.assert_allclose(np.asarray(per_image), logits, rtol=0, atol=tol)
+
+
+def test_random_weights_are_deterministic():
+    a = models.load("resnet18", "random")
+    b = models.load("resnet18", "random", layer="layer3")
+    assert isinstance(a, Classifier) and a.layer == "layer4" and b.layer == "layer3"
+    k1 = a.params["layer2.0"]["params"]["conv1"]["kernel"]
+    np.testing.assert_array_equal(np.asarray(k1), np.asarray(b.params["layer2.0"]["params"]["conv1"]["kernel"]))
+    assert a.class_name(285) == "Egyptian cat" and "layer4.1" in a.layers and "layer4" in a.layers
+
+
+# -- layers ---------------------------------------------------------------------------
+
+def _adaptive_pool_reference(x, out):
+    """PyTorch's adaptive average pooling, loop by loop (NHWC)."""
+    _, h, w, _ = x.shape
+    y = np.zeros((x.shape[0], out, out, x.shape[3]), np.float64)
+    for i in range(out):
+        h0, h1 = (i * h) // out, math.ceil((i + 1) * h / out)
+        for j in range(out):
+            w0, w1 = (j * w) // out, math.ceil((j + 1) * w / out)
+            y[:, i, j] = x[:, h0:h1, w0:w1].mean(axis=(1, 2))
+    return y
+
+
+@pytest.mark.parametrize("h, w", [(1, 1), (2, 3), (5, 9), (7, 7), (10, 13), (14, 14), (15, 8)])
+def test_adaptive_avg_pool_matches_pytorch_definition(h, w):
+    x = np.random.RandomState(h * 31 + w).randn(2, h, w, 3).astype(np.float32)
+    y = np.asarray(adaptive_avg_pool(jnp.asarray(x), (7, 7)))
+    np.testing.assert_allclose(y, _adaptive_pool_reference(x, 7), rtol=1e-6, atol=1e-6)
+    if (h, w) == (7, 7):
+        np.testing.assert_array_equal(y, x)
+
+
+def test_same_padding_is_tensorflows():
+    # out = ceil(n / s); pad = (out - 1) s + k - n, extra pixel after
+    assert same_padding(224, 3, 2) == (0, 1)
+    assert same_padding(225, 3, 2) == (1, 1)
+    assert same_padding(112, 5, 2) == (1, 2)
+    assert same_padding(56, 5, 1) == (2, 2)
+    assert same_padding(7, 1, 1) == (0, 0)
+    assert same_padding(1, 3, 2) == (1, 1)
+
+
+def test_resnet_maxpool_pads_with_minus_infinity():
+    pool = dict(models.get("resnet18").stages)["maxpool"]
+    x = -1.0 - jax.random.uniform(jax.random.PRNGKey(0), (1, 6, 6, 2))
+    y = np.asarray(pool.apply({}, x))
+    assert y.shape == (1, 3, 3, 2) and np.all(y < -1.0)  # zero padding would give 0 at borders
+    np.testing.assert_array_equal(y[0, 0, 0], np.asarray(x[0, :2, :2].max(axis=(0, 1))))
+
+
+def test_vgg_flattens_in_channel_height_width_order():
+    fc6 = dict(models.get("vgg11").stages)["fc6"]
+    c, h, w = 512, 7, 7
+    kernel = jnp.arange(c * h * w, dtype=jnp.float32)[:, None] * jnp.ones((1, 4096))
+    params = {"params": {"fc": {"kernel": kernel, "bias": jnp.zeros(4096)}}}
+    x = np.zeros((1, h, w, c), np.float32)
+    x[0, 3, 5, 17] = 1.0  # NHWC position (h=3, w=5, c=17)
+    y = np.asarray(fc6.apply(params, jnp.asarray(x)))
+    assert y[0, 0] == 17 * h * w + 3 * w + 5
+
+
+# -- the bundled pretrained EfficientNet-Lite0 ---------------------------------------
+
+@pytest.fixture(scope="module")
+def lite0(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LIFTCAM_JAX_CACHE", str(cache))
+        clf = models.load("efficientnet_lite0")
+    return clf, cache
+
+
+def _top1(clf, path):
+    x = clf.preprocess(np.asarray(Image.open(path).convert("RGB")))[None]
+    p = np.asarray(jax.nn.softmax(clf.logits(jnp.asarray(x)), axis=-1))[0]
+    return int(p.argmax()), float(p.max())
+
+
+def test_sample_images_are_bundled():
+    names = sorted(p.stem for p in models.sample_images())
+    assert names == ["astronaut", "chelsea", "coffee", "rocket"]
+    for p in models.sample_images():
+        assert Image.open(p).size[0] >= 256
+
+
+def test_pretrained_lite0_recognises_the_cat_and_the_espresso(lite0):
+    clf, _ = lite0
+    imgs = {p.stem: p for p in models.sample_images()}
+    cls, prob = _top1(clf, imgs["chelsea"])
+    print(f"chelsea: top-1 {cls} ({clf.class_name(cls)}) p={prob:.4f}")
+    assert cls == 285 and 0.65 < prob < 0.9  # 0.773 on the original PNG
+    cls, prob = _top1(clf, imgs["coffee"])
+    print(f"coffee: top-1 {cls} ({clf.class_name(cls)}) p={prob:.4f}")
+    assert cls == 967 and 0.8 < prob < 0.97  # 0.902 on the original PNG
+    assert clf.layer == "head_conv" and clf.preprocess.resize == "squash"
+
+
+def test_pretrained_cache_is_used_and_a_corrupt_one_rebuilt(lite0, monkeypatch):
+    clf, cache = lite0
+    files = list((cache / "params").glob("*.npz"))
+    assert len(files) == 1
+    monkeypatch.setenv("LIFTCAM_JAX_CACHE", str(cache))
+    ref = np.asarray(clf.params["fc"]["params"]["kernel"])
+    # the cache is what load reads: a marked cached value shows through
+    with np.load(files[0]) as z:
+        arrays = dict(z)
+    arrays["fc/params/bias"] = arrays["fc/params/bias"] + 1.0
+    np.savez(files[0], **arrays)
+    again = models.load("efficientnet_lite0")
+    np.testing.assert_array_equal(np.asarray(again.params["fc"]["params"]["bias"]),
+                                  np.asarray(clf.params["fc"]["params"]["bias"]) + 1.0)
+    # a corrupt cache is rebuilt from the checkpoint
+    files[0].write_bytes(b"not a zip file")
+    rebuilt = models.load("efficientnet_lite0")
+    np.testing.assert_array_equal(np.asarray(rebuilt.params["fc"]["params"]["kernel"]), ref)
+    with np.load(files[0]) as z:
+        np.testing.assert_array_equal(z["fc/params/kernel"], ref)
+    assert not list((cache / "params").glob("*.tmp"))
