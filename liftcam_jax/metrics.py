@@ -37,12 +37,14 @@ input resolution ``(B, H, W)`` in [0, 1] (``Explanation.maps``), ``targets``
 
   by the trapezoid rule over the *fraction* ``f_s = n_s / HW`` of pixels
   changed (so a last partial step counts for its real width). Lower deletion
-  and higher insertion AUC are better. RISE's own ``gkern(klen=11, nsig=5)``
-  integrates a normal density over 11 bins spanning +-5.5 standard
-  deviations: it is a Gaussian of **sigma = 1 pixel**, 11 taps, applied with
-  zero padding. The default blur here (``blur_sigma=1``, ``blur_truncate=5``,
-  :func:`liftcam_jax.image.gaussian_blur`, edge padding) is that kernel
-  (sampled rather than bin-integrated); pass ``blur_sigma=5`` for a strong blur.
+  and higher insertion AUC are better. The insertion start is RISE's blur,
+  ``klen=11, sigma=5``: :func:`liftcam_jax.image.gaussian_blur` with
+  ``blur_sigma=5`` and ``blur_truncate=1`` (radius 5, 11 taps), edge-padded.
+  RISE's own kernel (``gkern``: ``scipy.ndimage.gaussian_filter`` of an
+  11 x 11 Dirac, reflect mode) folds the Gaussian's tails back into the 11
+  taps, which makes it flatter, almost a box (taps 0.088..0.094 against
+  0.066..0.109 here), and RISE convolves with zero padding, which darkens a
+  5-pixel border; both are small differences in how blurred the start is.
 
 **Localisation**
 
@@ -81,8 +83,8 @@ from .image import gaussian_blur
 Array = Any
 
 RISE_STEP = 224          # RISE's default: 224 pixels per step for 224 x 224 inputs
-RISE_BLUR_SIGMA = 1.0    # RISE's gkern(11, 5) is a sigma = 1 px Gaussian ...
-RISE_BLUR_TRUNCATE = 5.0  # ... with 11 taps (radius 5)
+RISE_BLUR_SIGMA = 5.0     # RISE's insertion blur: sigma 5 px ...
+RISE_BLUR_TRUNCATE = 1.0  # ... with klen = 11 taps (radius 5 = 1 sigma)
 POINTING_TOLERANCE = 15  # pixels (Zhang et al., ECCV 2016)
 
 

@@ -6,6 +6,7 @@ import pytest
 import scipy.stats
 
 from liftcam_jax import metrics
+from liftcam_jax.image import gaussian_kernel1d
 from liftcam_jax.model import Preprocess
 
 H = W = 8
@@ -165,7 +166,8 @@ def test_insertion_starts_blurred_and_prefers_ideal_map():
     x = jnp.asarray(np.where(region > 0, 1.0, 0.01), jnp.float32)[None, :, :, None] * jnp.ones((1, 1, 1, 3))
     model = region_model(region, total=n_r * 2.0)
     targets = jnp.zeros((1,), jnp.int32)
-    blurred = metrics.gaussian_blur(x, 1.0, 5.0)
+    blurred = metrics.gaussian_blur(x, metrics.RISE_BLUR_SIGMA, metrics.RISE_BLUR_TRUNCATE)
+    assert gaussian_kernel1d(metrics.RISE_BLUR_SIGMA, metrics.RISE_BLUR_TRUNCATE).shape == (11,)  # RISE: klen 11
     ideal = metrics.insertion(model, PARAMS, x, jnp.asarray(region)[None], targets, step=4)
     inv = metrics.insertion(model, PARAMS, x, 1 - jnp.asarray(region)[None], targets, step=4)
     p0 = float(jax.nn.softmax(model(PARAMS, blurred))[0, 0])

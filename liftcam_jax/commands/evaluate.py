@@ -102,7 +102,7 @@ def add_arguments(parser):
     g.add_argument("--substrate", choices=("zeros", "mean"), default="zeros",
                    help="what deleted pixels become: zeros of the normalised input (RISE) or the image mean")
     g.add_argument("--blur-sigma", type=float, default=M.RISE_BLUR_SIGMA,
-                   help=f"insertion's start blur in pixels (default {M.RISE_BLUR_SIGMA:g}: RISE's gkern(11, 5))")
+                   help=f"insertion's start blur sigma in pixels, radius = sigma (default {M.RISE_BLUR_SIGMA:g}: RISE's 11 taps)")
     g.add_argument("--step-chunk", type=_positive, default=16,
                    help="perturbed copies per image per model call (memory; default 16)")
     g = parser.add_argument_group("localisation and SHAP")
