@@ -4,10 +4,11 @@ sum_k phi_k = y_c(A) - y_c(0) must hold to float32 rounding (<= 1e-5 relative)
 for any head: VGG's (max-pool + MLP), ResNet's (GAP + Linear, or residual blocks
 when split earlier) and EfficientNet-Lite's (depthwise convs, BN, ReLU6).
 
-"Relative" is relative to the magnitude of the two logits being subtracted,
-|y_c(A)| + |y_c(0)|: the float32 difference y_c(A) - y_c(0) itself carries
-an error of that order, so dividing by a (possibly tiny) difference would
-measure cancellation, not the transformation.
+"Relative" is relative to the magnitudes involved: the two logits being
+subtracted, |y_c(A)| + |y_c(0)|, or the contributions being summed,
+sum_k |phi_k|, whichever is larger. In float32, y_c(A) - y_c(0) and sum_k phi_k
+themselves carry rounding errors of those orders, so dividing by a (possibly
+tiny) difference would measure cancellation, not the transformation.
 """
 import jax
 import jax.numpy as jnp
@@ -43,7 +44,8 @@ def _completeness(split, params, x, targets=None):
     e = lj.explainer(split)(params, x, targets)
     rows = jnp.arange(x.shape[0])
     y, y0 = e.logits[rows, e.targets], e.reference_logits[rows, e.targets]
-    err = jnp.abs(e.coefficients.sum(-1) - (y - y0)) / (jnp.abs(y) + jnp.abs(y0))
+    scale = jnp.maximum(jnp.abs(y) + jnp.abs(y0), jnp.abs(e.coefficients).sum(-1))
+    err = jnp.abs(e.coefficients.sum(-1) - (y - y0)) / scale
     return float(jnp.max(err)), e
 
 
