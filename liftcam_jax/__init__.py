@@ -6,6 +6,7 @@ about one forward pass. The library is a set of pure functions of a model split
 into ``features(params, x)`` and ``head(params, A)``.
 """
 from . import methods, rescale
+from . import lrp, shap  # LRP-epsilon transformation; Shapley values of activation maps
 from .explain import explain, explainer
 from .explanation import Attribution, Explanation, assemble
 from .methods.lift_cam import lift_cam_coefficients
@@ -27,6 +28,8 @@ __all__ = [
     "explainer",
     "lift_cam_coefficients",
     "linearize",
+    "lrp",
     "methods",
     "rescale",
+    "shap",
 ]
