@@ -21,6 +21,14 @@ jit-compiled forward pass ``split(params, x)``, on random normal inputs
 * **ratio** ``= median_i (t_method,i / t_forward,i)`` over the interleaved
   pairs: the cost of an explanation in forward passes. On a quiet machine it
   equals the ratio of the medians; under load it is the more robust of the two.
+* **CPU time**: the same calls are also timed with ``time.process_time()``
+  (CPU seconds of all the process's threads), with its own median per image
+  and its own ratio. On a machine shared with other busy processes the wall
+  clock measures the scheduler as much as the program (here, with two cores
+  and five other busy processes, a call got ~20% of a core on average and
+  wall-clock ratios swung by +-30% between identical pairs), while CPU time
+  measures the work done: its ratios stayed within a few percent. On a quiet
+  machine, wall ~ CPU / threads.
 * **memory**: the compiled program's own account,
   ``executable.memory_analysis()``: ``temp`` (scratch buffers), ``argument``
   (parameters and input), ``output``, and ``total = temp + argument + output -
@@ -288,10 +296,15 @@ def parse_method_spec(text: str) -> MethodSpec:
 # measuring
 # ---------------------------------------------------------------------------
 
-def _timed(fn, *args) -> float:
-    t0 = time.perf_counter()
+def _timed(fn, *args) -> Tuple[float, float]:
+    """(wall seconds, process CPU seconds) of one call, waited for with ``block_until_ready``."""
+    c0, t0 = time.process_time(), time.perf_counter()
     jax.block_until_ready(fn(*args))
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, time.process_time() - c0
+
+
+def _median_ratio(a: Sequence[float], b: Sequence[float]) -> float:
+    return statistics.median([x / y if y > 0 else float("inf") for x, y in zip(a, b)])
 
 
 @dataclasses.dataclass
@@ -309,11 +322,16 @@ class Row:
     forward_seconds_per_image: float
     forward_images_per_s: float
     ratio: float
+    cpu_seconds_per_image: float
+    forward_cpu_seconds_per_image: float
+    cpu_ratio: float
     memory_bytes: Dict[str, Any]
     forward_memory_bytes: Dict[str, Any]
     device_peak_bytes: Optional[int]
     runs_s: List[float]
     forward_runs_s: List[float]
+    cpu_runs_s: List[float]
+    forward_cpu_runs_s: List[float]
 
     @property
     def label(self) -> str:
@@ -329,6 +347,7 @@ class ForwardRow:
     compile_s: float
     compile_detail: Dict[str, Any]
     seconds_per_image: float
+    cpu_seconds_per_image: float
     memory_bytes: Dict[str, Any]
 
 
@@ -395,19 +414,21 @@ def markdown(report: Report) -> str:
     lines += [
         "",
         "| method | batch | compile s | s / image | images / s | forward s / image | ratio to forward "
-        "| temp MiB | total MiB |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| CPU s / image | forward CPU s / image | CPU ratio | temp MiB | total MiB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for f in report.forward:
         lines.append(
             f"| (forward pass) | {f.batch_size} | {_fmt_s(f.compile_s)} | {_fmt_s(f.seconds_per_image)} "
             f"| {1.0 / f.seconds_per_image:,.1f} | {_fmt_s(f.seconds_per_image)} | 1.00 "
+            f"| {_fmt_s(f.cpu_seconds_per_image)} | {_fmt_s(f.cpu_seconds_per_image)} | 1.00 "
             f"| {_mib(f.memory_bytes.get('temp'))} | {_mib(f.memory_bytes.get('total'))} |"
         )
     for r in report.rows:
         lines.append(
             f"| {r.label} | {r.batch_size} | {_fmt_s(r.compile_s)} | {_fmt_s(r.seconds_per_image)} "
             f"| {r.images_per_s:,.2f} | {_fmt_s(r.forward_seconds_per_image)} | {r.ratio:.2f} "
+            f"| {_fmt_s(r.cpu_seconds_per_image)} | {_fmt_s(r.forward_cpu_seconds_per_image)} | {r.cpu_ratio:.2f} "
             f"| {_mib(r.memory_bytes.get('temp'))} | {_mib(r.memory_bytes.get('total'))} |"
         )
     peaks = [r for r in report.rows if r.device_peak_bytes is not None]
@@ -419,7 +440,7 @@ def markdown(report: Report) -> str:
     lines += [
         "",
         "compile = first call minus one steady call; ratio = median of (method / forward) over "
-        "interleaved pairs; memory = the compiled program's buffer assignment "
+        "interleaved pairs, in wall-clock and in process CPU time; memory = the compiled program's buffer assignment "
         f"({'; '.join(sources) or 'memory_analysis'}): temp = scratch buffers, "
         "total = temp + arguments (parameters and input) + outputs. "
         f"Whole process peak RSS: {_mib(report.process_peak_rss_bytes)} MiB.",
@@ -484,28 +505,33 @@ def bench(
             x = jax.random.normal(jax.random.PRNGKey(seed), (b,) + input_shape, jnp.float32)
             x = jax.block_until_ready(x)
             with events.record():
-                first = _timed(forward, params, x)
+                first, _ = _timed(forward, params, x)
             detail = events.summary()
             for _ in range(max(int(warmup), 1)):
                 _timed(forward, params, x)
             steady = [_timed(forward, params, x) for _ in range(int(repeats))]
-            fwd_med = statistics.median(steady)
+            fwd_med = statistics.median([t for t, _ in steady])
+            fwd_cpu = statistics.median([c for _, c in steady])
             fmem = program_memory(forward, params, x)
-            forward_rows.append(ForwardRow(b, first, max(first - fwd_med, 0.0), detail, fwd_med / b, fmem))
+            forward_rows.append(ForwardRow(b, first, max(first - fwd_med, 0.0), detail, fwd_med / b, fwd_cpu / b, fmem))
             log(f"forward b={b}: first call {first:.2f} s, {fwd_med / b:.4g} s/image")
             for spec in specs:
                 fn = explainer(split, spec.name, **spec.kwargs)
                 with events.record():
-                    first = _timed(fn, params, x)
+                    first, _ = _timed(fn, params, x)
                 detail = events.summary()
                 for _ in range(int(warmup)):
                     _timed(fn, params, x)
-                fwd_runs, runs = [], []
+                fwd_runs, runs, fwd_cpu, cpu = [], [], [], []
                 for _ in range(int(repeats)):
-                    fwd_runs.append(_timed(forward, params, x))
-                    runs.append(_timed(fn, params, x))
+                    t, c = _timed(forward, params, x)
+                    fwd_runs.append(t)
+                    fwd_cpu.append(c)
+                    t, c = _timed(fn, params, x)
+                    runs.append(t)
+                    cpu.append(c)
                 med, fmed = statistics.median(runs), statistics.median(fwd_runs)
-                ratio = statistics.median([r / f for r, f in zip(runs, fwd_runs)])
+                ratio = _median_ratio(runs, fwd_runs)
                 row = Row(
                     method=spec.name,
                     options=spec.kwargs,
@@ -518,16 +544,21 @@ def bench(
                     forward_seconds_per_image=fmed / b,
                     forward_images_per_s=b / fmed,
                     ratio=ratio,
+                    cpu_seconds_per_image=statistics.median(cpu) / b,
+                    forward_cpu_seconds_per_image=statistics.median(fwd_cpu) / b,
+                    cpu_ratio=_median_ratio(cpu, fwd_cpu),
                     memory_bytes=program_memory(fn, params, x),
                     forward_memory_bytes=fmem,
                     device_peak_bytes=_device_peak_bytes(),
                     runs_s=runs,
                     forward_runs_s=fwd_runs,
+                    cpu_runs_s=cpu,
+                    forward_cpu_runs_s=fwd_cpu,
                 )
                 rows.append(row)
                 log(
                     f"{spec.label} b={b}: compile {row.compile_s:.2f} s, {row.seconds_per_image:.4g} s/image, "
-                    f"{ratio:.3f}x forward"
+                    f"{ratio:.3f}x forward (CPU time: {row.cpu_ratio:.3f}x)"
                 )
     return Report(
         model=model,

@@ -83,6 +83,10 @@ def _check_row(r, batch):
     assert r.forward_seconds_per_image == pytest.approx(statistics.median(r.forward_runs_s) / batch)
     assert r.ratio == pytest.approx(statistics.median([a / b for a, b in zip(r.runs_s, r.forward_runs_s)]))
     assert r.ratio > 0
+    assert len(r.cpu_runs_s) == len(r.forward_cpu_runs_s) == 2
+    assert all(t >= 0 for t in r.cpu_runs_s + r.forward_cpu_runs_s)
+    assert r.cpu_seconds_per_image == pytest.approx(statistics.median(r.cpu_runs_s) / batch)
+    assert r.cpu_ratio >= 0
     # the first call compiled the program (the persistent cache is off by default)
     assert r.compile_detail["xla_compile_s"] > 0 and r.compile_detail["cache_hits"] == 0
     mem = r.memory_bytes
@@ -141,6 +145,7 @@ def test_cli_writes_json_and_markdown(tmp_path, capsys):
     for r in data["rows"]:
         assert r["seconds_per_image"] > 0 and r["forward_seconds_per_image"] > 0 and r["ratio"] > 0
         assert r["compile_s"] >= 0 and r["memory_bytes"]["total"] > 0
+        assert r["cpu_seconds_per_image"] >= 0 and r["cpu_ratio"] >= 0
     assert [f["batch_size"] for f in data["forward"]] == [1, 2]
 
 

@@ -146,14 +146,15 @@ class _GradCamPeer:
 # ---------------------------------------------------------------------------
 
 def _time(fn, *args):
+    """(wall seconds, process CPU seconds, output) of one call."""
     import jax
 
-    t0 = time.perf_counter()
+    c0, t0 = time.process_time(), time.perf_counter()
     out = jax.block_until_ready(fn(*args))
-    return time.perf_counter() - t0, out
+    return time.perf_counter() - t0, time.process_time() - c0, out
 
 
-def measure(name, methods, batch_sizes, repeats, size, options, log):
+def measure(name, methods, batch_sizes, repeats, size, options, log, warmup=1):
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -184,25 +185,28 @@ def measure(name, methods, batch_sizes, repeats, size, options, log):
             fn = explainer(split, method, **opts)
             peer = authors_lift_cam(t_features, t_head) if method == "lift-cam" else _GradCamPeer(method, net, layer)
             try:
-                t_first, _ = _time(fn, params, xj)
+                t_first = _time(fn, params, xj)[0]  # compiles
                 _time(forward, params, xj)
-                t0 = time.perf_counter()
-                peer(xt)
-                t_peer_first = time.perf_counter() - t0
-                jf, jm, tf, tm = [], [], [], []
+                t_peer_first = None
+                for _ in range(warmup):
+                    _time(fn, params, xj)
+                    t = _time(peer, xt)[0]
+                    t_peer_first = t_peer_first or t
+                jf, jm, tf, tm = [], [], [], []  # wall
+                cjf, cjm, ctf, ctm = [], [], [], []  # CPU
                 maps_j = maps_t = None
                 for _ in range(repeats):
-                    jf.append(_time(forward, params, xj)[0])
-                    t, e = _time(fn, params, xj)
-                    jm.append(t)
+                    t, c, _ = _time(forward, params, xj)
+                    jf.append(t), cjf.append(c)
+                    t, c, e = _time(fn, params, xj)
+                    jm.append(t), cjm.append(c)
                     maps_j = np.asarray(e.maps)
                     with torch.no_grad():
-                        t0 = time.perf_counter()
-                        fwd_net(xt)
-                        tf.append(time.perf_counter() - t0)
-                    t0 = time.perf_counter()
-                    maps_t = np.asarray(peer(xt))
-                    tm.append(time.perf_counter() - t0)
+                        t, c, _ = _time(fwd_net, xt)
+                    tf.append(t), ctf.append(c)
+                    t, c, maps_t = _time(peer, xt)
+                    tm.append(t), ctm.append(c)
+                    maps_t = np.asarray(maps_t)
             finally:
                 if hasattr(peer, "close"):
                     peer.close()
@@ -214,14 +218,22 @@ def measure(name, methods, batch_sizes, repeats, size, options, log):
                 "peer_s_per_image": med(tm), "torch_forward_s_per_image": med(tf),
                 "peer_ratio_to_forward": statistics.median([m / f for m, f in zip(tm, tf)]),
                 "speedup": statistics.median([p / j for p, j in zip(tm, jm)]),
+                "jax_cpu_s_per_image": med(cjm), "peer_cpu_s_per_image": med(ctm),
+                "jax_forward_cpu_s_per_image": med(cjf), "torch_forward_cpu_s_per_image": med(ctf),
+                "jax_cpu_ratio_to_forward": statistics.median([m / f for m, f in zip(cjm, cjf)]),
+                "peer_cpu_ratio_to_forward": statistics.median([m / f for m, f in zip(ctm, ctf)]),
+                "cpu_speedup": statistics.median([p / j for p, j in zip(ctm, cjm)]),
                 "jax_first_call_s": t_first, "peer_first_call_s": t_peer_first,
                 "max_map_diff": float(np.max(np.abs(maps_j - maps_t))),
                 "logit_diff": logit_diff,
                 "jax_runs_s": jm, "jax_forward_runs_s": jf, "peer_runs_s": tm, "torch_forward_runs_s": tf,
+                "jax_cpu_runs_s": cjm, "jax_forward_cpu_runs_s": cjf, "peer_cpu_runs_s": ctm,
+                "torch_forward_cpu_runs_s": ctf,
             }
             rows.append(row)
             log(f"{name} {method} b={b}: jax {row['jax_s_per_image']:.4g} s/img, peer {row['peer_s_per_image']:.4g} "
-                f"s/img, speedup {row['speedup']:.2f}x, max |map diff| {row['max_map_diff']:.2e}")
+                f"s/img, speedup {row['speedup']:.2f}x (CPU time {row['cpu_speedup']:.2f}x), "
+                f"max |map diff| {row['max_map_diff']:.2e}")
     return rows
 
 
@@ -229,18 +241,22 @@ def markdown(rows, info) -> str:
     lines = [
         f"Device: {info['device']} ({info['cpu_count']} CPU cores visible), torch {info['torch']} "
         f"({info['torch_threads']} threads), JAX {info['jax']}, pytorch-grad-cam {info['grad_cam']}, "
-        f"captum {info['captum']}. Median of {info['repeats']} interleaved calls, seconds per image.",
+        f"captum {info['captum']}. Median of {info['repeats']} interleaved calls after {info['warmup']} "
+        "warm-up call(s), seconds per image.",
         "",
         "| model | method | batch | liftcam-jax s/img | jax / jax forward | peer s/img | peer / torch forward "
-        "| speedup (peer / jax) | jax forward s/img | torch forward s/img | max map diff |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| speedup (peer / jax) | jax forward s/img | torch forward s/img "
+        "| CPU s/img jax | CPU s/img peer | CPU speedup | max map diff |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         label = r["method"] + "".join(f":{k}={v}" for k, v in r["options"].items())
         lines.append(
             f"| {r['model']} | {label} | {r['batch_size']} | {r['jax_s_per_image']:.4g} | {r['jax_ratio_to_forward']:.2f} "
             f"| {r['peer_s_per_image']:.4g} | {r['peer_ratio_to_forward']:.2f} | {r['speedup']:.2f}x "
-            f"| {r['jax_forward_s_per_image']:.4g} | {r['torch_forward_s_per_image']:.4g} | {r['max_map_diff']:.1e} |"
+            f"| {r['jax_forward_s_per_image']:.4g} | {r['torch_forward_s_per_image']:.4g} "
+            f"| {r['jax_cpu_s_per_image']:.4g} | {r['peer_cpu_s_per_image']:.4g} | {r['cpu_speedup']:.2f}x "
+            f"| {r['max_map_diff']:.1e} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -267,6 +283,7 @@ def main(argv=None) -> int:
     p.add_argument("--methods", default="lift-cam,grad-cam", help=f"comma-separated, from {', '.join(PEERS)}")
     p.add_argument("--batch-sizes", default="1,32")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=1, help="untimed calls of each side before timing (default 1)")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     p.add_argument("--size", type=int, default=224, help="input size (default 224)")
     p.add_argument("--options", default="", help="liftcam-jax method options, e.g. score-cam:chunk_size=64")
@@ -291,13 +308,13 @@ def main(argv=None) -> int:
     rows = []
     for name in [m.strip() for m in args.models.split(",") if m.strip()]:
         rows += measure(name, methods, [int(b) for b in args.batch_sizes.split(",")], args.repeats, args.size,
-                        _options(args.options), log)
+                        _options(args.options), log, warmup=args.warmup)
     info = {
         "device": jax.devices()[0].device_kind, "platform": jax.devices()[0].platform,
         "cpu_count": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "jax": jax.__version__,
         "grad_cam": version("grad-cam"), "captum": captum.__version__, "repeats": args.repeats,
-        "command": "python tests/parity/peer_bench.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "warmup": args.warmup, "command": "python tests/parity/peer_bench.py " + " ".join(sys.argv[1:] if argv is None else argv),
     }
     table = markdown(rows, info)
     print(table, end="")
