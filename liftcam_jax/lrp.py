@@ -12,9 +12,10 @@ operation :math:`z_j = \sum_i x_i w_{ij} + b_j` the epsilon rule is
 
 with :math:`\mathrm{sign}(0) = +1` and :math:`\epsilon = 10^{-9}` (Captum's
 ``EpsilonRule``). The relevance starts at the explained output: ``one_hot(c) *
-f(x)`` (the target logit), and the bias and the stabiliser absorb what does
-not reach the input, so :math:`\sum R_x \approx f(x)_c` (exactly when the
-function is linear without biases).
+f(x)`` (the target logit). Constants added along the way (biases,
+batch-norm shifts) keep their share and the stabiliser absorbs a little, so
+:math:`\sum R_x = f(x)_c` up to :math:`\epsilon` exactly when no equation adds
+a constant (relevance is conserved through every rule below).
 
 This module interprets the function's jaxpr (like :mod:`liftcam_jax.rescale`,
 whose primitive tables it shares): a forward pass stores every value that

@@ -10,10 +10,11 @@ coefficient of map ``k`` is its total relevance
            \text{map} = \mathrm{ReLU}\Big(\sum_k \phi_k A^k\Big).
 
 ReLU and dropout pass relevance through; max- and average-pooling follow
-Captum's ``EpsilonRule``. For a bias-free linear head this equals LIFT-CAM
-(both give :math:`w_{ck}\,\mathrm{mean}(A^k)` for ``GAP -> Linear`` up to
-the stabiliser); with biases the bias absorbs relevance
-:math:`b_c\,y_c/\mathrm{stab}(y_c)` at the output layer.
+Captum's ``EpsilonRule``. For a ``GAP -> Linear`` head LRP-CAM equals LIFT-CAM,
+:math:`\phi_k = w_{ck}\,\mathrm{mean}(A^k)` up to the stabiliser: the bias
+keeps its own share :math:`b_c\,y_c/\mathrm{stab}(y_c) \approx b_c` of the
+starting relevance :math:`y_c`. Deeper heads differ from LIFT-CAM: LRP
+explains :math:`y_c` itself, DeepLIFT :math:`y_c(A) - y_c(0)`.
 """
 from __future__ import annotations
 

@@ -149,6 +149,71 @@ def test_lrp_cam_matches_captum(net, request):
     assert rel_err <= 1e-4
 
 
+class _ConvHead(torch.nn.Module):
+    """conv -> batch norm -> ReLU -> max-pool -> conv -> ReLU -> adaptive avg-pool -> flatten -> linear."""
+
+    def __init__(self, k=16):
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(k, 12, 3, padding=1)
+        self.bn = torch.nn.BatchNorm2d(12)
+        self.relu1 = torch.nn.ReLU()
+        self.pool = torch.nn.MaxPool2d(2)
+        self.conv2 = torch.nn.Conv2d(12, 10, 3, padding=1)
+        self.relu2 = torch.nn.ReLU()
+        self.avgpool = torch.nn.AdaptiveAvgPool2d(1)
+        self.fc = torch.nn.Linear(10, 7)
+
+    def forward(self, a):
+        h = self.pool(self.relu1(self.bn(self.conv1(a))))
+        h = self.avgpool(self.relu2(self.conv2(h)))
+        return self.fc(torch.flatten(h, 1))
+
+
+def conv_head(params, a):
+    def conv(x, p):
+        y = jax.lax.conv_general_dilated(x, p["w"], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return y + p["b"]
+
+    bn = params["bn"]
+    h = conv(a, params["conv1"])
+    h = (h - bn["mean"]) * (bn["scale"] / jnp.sqrt(bn["var"] + 1e-5)) + bn["bias"]
+    h = fnn.max_pool(jax.nn.relu(h), (2, 2), strides=(2, 2))
+    h = jnp.mean(jax.nn.relu(conv(h, params["conv2"])), axis=(1, 2))
+    return h @ params["fc"]["w"] + params["fc"]["b"]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_lrp_cam_matches_captum_on_a_conv_bn_head(seed):
+    """Convolutions, batch norm (random statistics) and biases: Captum's per-module epsilon
+    rule vs this module's per-equation one (conv + bias add; BN as sub, mul, add)."""
+    torch.manual_seed(seed)
+    head = _ConvHead().eval()
+    with torch.no_grad():
+        for m in (head.conv1, head.conv2, head.fc):
+            m.bias.normal_(0.0, 0.1)
+        head.bn.running_mean.normal_(0.0, 0.2)
+        head.bn.running_var.uniform_(0.5, 1.5)
+        head.bn.weight.normal_(1.0, 0.2)
+        head.bn.bias.normal_(0.0, 0.1)
+    conv = lambda m: {"w": jnp.asarray(m.weight.detach().numpy().transpose(2, 3, 1, 0)),
+                      "b": jnp.asarray(m.bias.detach().numpy())}
+    params = {
+        "conv1": conv(head.conv1), "conv2": conv(head.conv2), "fc": _linear(head.fc),
+        "bn": {k: jnp.asarray(getattr(head.bn, n).detach().numpy()) for k, n in
+               (("mean", "running_mean"), ("var", "running_var"), ("scale", "weight"), ("bias", "bias"))},
+    }
+    a = _activations(10 + seed, 8, 16)
+    t = _target(head, a)
+    rel = captum_attr.LRP(head).attribute(a.clone().requires_grad_(True), target=t)
+    expected = rel.detach().sum(dim=(2, 3))[0].numpy()
+    phi, logits = jax.jit(lambda p, x: lrp_cam_coefficients(conv_head, p, x, jnp.array([t])))(params, _nhwc(a))
+    with torch.no_grad():
+        np.testing.assert_allclose(np.asarray(logits[0]), head(a)[0].numpy(), rtol=1e-4, atol=1e-5)
+    rel_err = np.max(np.abs(np.asarray(phi[0]) - expected)) / np.max(np.abs(expected))
+    print(f"\nconv/BN head (seed {seed}): LRP-CAM max |phi - captum| / max |captum| = {rel_err:.2e}")
+    assert rel_err <= 1e-4
+
+
 # ---------------------------------------------------------------------------
 # LIME-CAM
 # ---------------------------------------------------------------------------
