@@ -156,6 +156,18 @@ def test_rerun_skips_everything_and_resumes_after_a_crash(first_run, data, capsy
     assert rc == 0
     assert "0 images evaluated, 4 skipped" in err
     assert log_lines(out) == before
+    # --redo evaluates one method again, and nothing else
+    rc, err = cli(args + ["--redo", "grad-cam"], capsys)
+    assert rc == 0 and "4 images evaluated, 0 skipped" in err
+    redone = [json.loads(x) for x in log_lines(out)[len(before):]]
+    assert sorted(r["item"] for r in redone) == [f"imgs/im{i}.png" for i in range(4)]
+    assert {r["method"] for r in redone} == {"grad-cam"}
+    old = {r["item"]: r for r in map(json.loads, before) if r.get("method") == "grad-cam"}
+    for r in redone:
+        np.testing.assert_allclose(r["metrics"]["deletion"], old[r["item"]]["metrics"]["deletion"], rtol=1e-6)
+    rc, err = cli(args + ["--redo", "eigen-cam"], capsys)
+    assert rc == 2 and "not among the evaluated methods" in err
+    before = log_lines(out)[: len(before)]
     # a crash part-way: the log lost its last pairs and has a torn line
     crashed = tmp_path / "crashed"
     crashed.mkdir()

@@ -95,6 +95,9 @@ def add_arguments(parser):
     parser.add_argument("--target", choices=("label", "predicted"), default="label",
                         help="explain the ground-truth class (default) or the predicted one")
     parser.add_argument("--seed", type=int, default=0, help="PRNG seed for randomised methods and SHAP sampling")
+    parser.add_argument("--redo", default="",
+                        help="comma-separated methods to evaluate again even where the log has them "
+                             "(e.g. after a method's code changed)")
     g = parser.add_argument_group("deletion / insertion (RISE)")
     g.add_argument("--step", type=_positive, default=None,
                    help=f"pixels per step (default {M.RISE_STEP}, RISE's for 224x224)")
@@ -403,6 +406,11 @@ class _Evaluator:
 def run(args, zoo) -> int:
     metrics = parse_metrics(args.metrics)
     methods, explicit = parse_methods(args.methods)
+    redo = [r.strip() for r in str(args.redo or "").split(",") if r.strip()]
+    for r in redo:
+        _methods.get(r)
+        if r not in methods:
+            raise UsageError(f"--redo {r}: not among the evaluated methods ({', '.join(methods)})")
     if args.step is not None and args.num_steps is not None:
         raise UsageError("give --step or --num-steps, not both")
     if not args.blur_sigma >= 0:
@@ -480,7 +488,8 @@ def run(args, zoo) -> int:
         todo = []
         for m in methods:
             rec = previous.get(f"{lab.item.id}|{m}")
-            if not (rec and rec.get("status") == "done" and set(metrics) <= set(rec.get("computed", ()))):
+            if m in redo or not (rec and rec.get("status") == "done"
+                                 and set(metrics) <= set(rec.get("computed", ()))):
                 todo.append(m)
         return todo
 
