@@ -61,9 +61,6 @@ import jax.numpy as jnp
 from jax.extend import core as jcore
 
 from .rescale import (
-    _CALLS,
-    _CHOOSERS,
-    _ELEMENTWISE,
     _LINEAR,
     _LINEAR_IN,
     _bind,
@@ -71,6 +68,7 @@ from .rescale import (
     _eqn_fn,
     _is_float,
     _sub_jaxpr,
+    classify,
 )
 
 __all__ = [
@@ -190,38 +188,15 @@ def _custom_jvp_rule(eqn, ins, dep_idx, ctx):
 
 
 def _rule_for(eqn, ins, dep_idx):
-    name = eqn.primitive.name
-    if name == "custom_jvp_call":
-        return _custom_jvp_rule
-    if name in _CALLS or (_sub_jaxpr(eqn.params) is not None and name not in _LINEAR_IN):
-        return _call_rule
-    if name in _LINEAR or name in _LINEAR_IN:
-        allowed = _LINEAR_IN.get(name, "all")
-        if allowed is None and len(dep_idx) != 1:
-            raise NoRelevanceRule(
-                f"no LRP rule for {name!r} of two input-dependent values "
-                "(a product of activations is not an affine map of its input)"
-            )
-        if allowed == "cases":
-            allowed = tuple(range(1, len(ins)))
-        if isinstance(allowed, tuple) and not set(dep_idx) <= set(allowed):
-            raise NoRelevanceRule(
-                f"no LRP rule for {name!r} with an input-dependent operand in position "
-                f"{sorted(set(dep_idx) - set(allowed))} (e.g. a data-dependent branch or index)"
-            )
-        return _structural_rule if name in _STRUCTURAL else _epsilon_rule
-    if name in _ELEMENTWISE:
-        if len(dep_idx) == 1:
-            return _pass_through_rule
-        raise NoRelevanceRule(
-            f"no LRP rule for {name!r} of {len(dep_idx)} input-dependent values "
-            "(relevance passes through elementwise functions of one value only)"
-        )
-    if name in _CHOOSERS:
-        if dep_idx == [0] and len(ins) == 1:
-            return _epsilon_rule
-        raise NoRelevanceRule(f"no LRP rule for {name!r} with these operands")
-    raise NoRelevanceRule(f"no LRP rule for primitive {name!r} applied to an input-dependent value")
+    kind = classify(eqn, ins, dep_idx, error=NoRelevanceRule, rule="LRP")
+    if kind == "linear":
+        return _structural_rule if eqn.primitive.name in _STRUCTURAL else _epsilon_rule
+    return {
+        "custom_jvp": _custom_jvp_rule,
+        "call": _call_rule,
+        "elementwise": _pass_through_rule,
+        "chooser": _epsilon_rule,
+    }[kind]
 
 
 # ---------------------------------------------------------------------------

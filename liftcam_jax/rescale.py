@@ -56,6 +56,7 @@ __all__ = [
     "linearize",
     "multipliers",
     "nonlinear_primitives",
+    "classify",
     "DeepLift",
     "deeplift",
     "DEFAULT_EPS",
@@ -226,8 +227,6 @@ def _elementwise_rule(eqn, ins, dep_idx, ctx):
 
 
 def _chooser_rule(eqn, ins, dep_idx, ctx):
-    if dep_idx != [0] or len(ins) != 1:
-        raise NoRescaleRule(f"no DeepLIFT rule for {eqn.primitive.name!r} with these operands")
     cross = _CHOOSERS[eqn.primitive.name]
     x = ins[0]
     f = lambda v: _bind(eqn, [v])[0]
@@ -295,43 +294,61 @@ def _custom_jvp_rule(eqn, ins, dep_idx, ctx):
     return _call_rule(eqn, ins, dep_idx, ctx)
 
 
-def _rule_for(eqn, ins, dep_idx):
+def classify(eqn, ins, dep_idx, *, error=NoRescaleRule, rule: str = "DeepLIFT") -> str:
+    """The kind of rule an equation with input-dependent operands ``dep_idx`` needs.
+
+    One of ``"custom_jvp"``, ``"call"``, ``"linear"`` (affine in its
+    input-dependent operands), ``"elementwise"`` (a nonlinearity of one value)
+    or ``"chooser"`` (max/min pooling). Shared by every jaxpr interpreter of
+    the library (DeepLIFT here, LRP in :mod:`liftcam_jax.lrp`); anything else
+    raises ``error`` naming the primitive.
+    """
     name = eqn.primitive.name
     if name == "custom_jvp_call":
-        return _custom_jvp_rule
+        return "custom_jvp"
     if name in _CALLS or (_sub_jaxpr(eqn.params) is not None and name not in _LINEAR_IN):
-        return _call_rule
+        return "call"
     if name in _LINEAR:
-        return _linear_rule
+        return "linear"
     if name in _LINEAR_IN:
         allowed = _LINEAR_IN[name]
         if allowed is None:
             if len(dep_idx) == 1:
-                return _linear_rule
-            raise NoRescaleRule(
-                f"no DeepLIFT rule for {name!r} of two input-dependent values "
-                "(a product of activations is not linear, and has no rescale rule)"
+                return "linear"
+            raise error(
+                f"no {rule} rule for {name!r} of two input-dependent values "
+                "(a product of activations is not linear in the input)"
             )
         if allowed == "cases":
             allowed = tuple(range(1, len(ins)))
         if set(dep_idx) <= set(allowed):
-            return _linear_rule
-        raise NoRescaleRule(
-            f"no DeepLIFT rule for {name!r} with an input-dependent operand in position "
+            return "linear"
+        raise error(
+            f"no {rule} rule for {name!r} with an input-dependent operand in position "
             f"{sorted(set(dep_idx) - set(allowed))} (e.g. a data-dependent branch or index)"
         )
     if name in _ELEMENTWISE:
         if len(dep_idx) == 1:
-            return _elementwise_rule
-        raise NoRescaleRule(
-            f"no DeepLIFT rule for {name!r} of {len(dep_idx)} input-dependent values "
-            "(the rescale rule is defined for elementwise functions of one value)"
+            return "elementwise"
+        raise error(
+            f"no {rule} rule for {name!r} of {len(dep_idx)} input-dependent values "
+            "(the rule is defined for elementwise functions of one value)"
         )
     if name in _CHOOSERS:
-        return _chooser_rule
-    raise NoRescaleRule(
-        f"no DeepLIFT rule for primitive {name!r} applied to an input-dependent value"
-    )
+        if dep_idx == [0] and len(ins) == 1:
+            return "chooser"
+        raise error(f"no {rule} rule for {name!r} with these operands")
+    raise error(f"no {rule} rule for primitive {name!r} applied to an input-dependent value")
+
+
+def _rule_for(eqn, ins, dep_idx):
+    return {
+        "custom_jvp": _custom_jvp_rule,
+        "call": _call_rule,
+        "linear": _linear_rule,
+        "elementwise": _elementwise_rule,
+        "chooser": _chooser_rule,
+    }[classify(eqn, ins, dep_idx)]
 
 
 # ---------------------------------------------------------------------------
