@@ -65,8 +65,9 @@ def test_committed_without_outputs(name):
     for i, cell in enumerate(nb.cells):
         if cell.cell_type != "code":
             continue
-        assert cell.get("outputs") == [], f"{name} cell {i} has outputs (strip them before committing)"
+        assert cell.get("outputs") == [], f"{name} cell {i} has outputs (python notebooks/strip_outputs.py)"
         assert cell.get("execution_count") is None, f"{name} cell {i} has an execution count"
+        assert "execution" not in cell.get("metadata", {}), f"{name} cell {i} has execution timings"
 
 
 @pytest.mark.parametrize("name", NOTEBOOKS)
