@@ -15,6 +15,7 @@ import time
 import numpy as np
 
 from ..errors import UsageError
+from ._args import add_model_arguments
 
 DEFAULT_MODEL = "efficientnet_lite0"
 # Score-CAM runs one full forward pass per channel (1280 for EfficientNet-Lite0):
@@ -24,9 +25,7 @@ SLOW = ("score-cam",)
 
 def add_arguments(parser):
     parser.add_argument("--out", default="demo-out", help="folder for grid.png (default: demo-out)")
-    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"zoo model (default: {DEFAULT_MODEL})")
-    parser.add_argument("--weights", default=None, help="checkpoint path or 'random' (default: pretrained)")
-    parser.add_argument("--layer", default=None, help="split layer (default: the model's)")
+    add_model_arguments(parser, model_default=DEFAULT_MODEL)
     parser.add_argument(
         "--methods", default="default",
         help="comma-separated method names, 'all', or 'default' (all but " + ", ".join(SLOW) + ")",

@@ -43,6 +43,7 @@ from .. import io as _io
 from .. import methods as _methods
 from .. import metrics as M
 from ..errors import UsageError
+from ._args import add_model_arguments, positive_int
 
 # metric group -> (columns it produces)
 METRICS = {
@@ -69,29 +70,17 @@ COLUMNS = {
 LOG = "evaluate.jsonl"
 
 
-def _positive(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        v = 0
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return v
-
-
 def add_arguments(parser):
     parser.add_argument("--data", required=True,
                         help="folder with images + labels.csv (+ boxes.csv), or tfds:NAME[/CONFIG]:SPLIT")
-    parser.add_argument("--model", required=True, help="model name in the zoo")
-    parser.add_argument("--weights", default=None, help="checkpoint path, or 'random' (default: pretrained)")
-    parser.add_argument("--layer", default=None, help="where to split the model (default: the model's default)")
+    add_model_arguments(parser)
     parser.add_argument("--methods", default="all",
                         help="comma-separated methods, or 'all' (default): " + ", ".join(_methods.names()))
     parser.add_argument("--metrics", default="all",
                         help="comma-separated metrics, or 'all' (default): " + ", ".join(METRICS))
     parser.add_argument("--out", required=True, help="output folder (created; reused to resume)")
-    parser.add_argument("--limit", type=_positive, default=None, help="evaluate only the first N labelled images")
-    parser.add_argument("--batch-size", type=_positive, default=8, help="images per step (default 8)")
+    parser.add_argument("--limit", type=positive_int, default=None, help="evaluate only the first N labelled images")
+    parser.add_argument("--batch-size", type=positive_int, default=8, help="images per step (default 8)")
     parser.add_argument("--target", choices=("label", "predicted"), default="label",
                         help="explain the ground-truth class (default) or the predicted one")
     parser.add_argument("--seed", type=int, default=0, help="PRNG seed for randomised methods and SHAP sampling")
@@ -99,22 +88,22 @@ def add_arguments(parser):
                         help="comma-separated methods to evaluate again even where the log has them "
                              "(e.g. after a method's code changed)")
     g = parser.add_argument_group("deletion / insertion (RISE)")
-    g.add_argument("--step", type=_positive, default=None,
+    g.add_argument("--step", type=positive_int, default=None,
                    help=f"pixels per step (default {M.RISE_STEP}, RISE's for 224x224)")
-    g.add_argument("--num-steps", type=_positive, default=None, help="number of steps instead of --step")
+    g.add_argument("--num-steps", type=positive_int, default=None, help="number of steps instead of --step")
     g.add_argument("--substrate", choices=("zeros", "mean"), default="zeros",
                    help="what deleted pixels become: zeros of the normalised input (RISE) or the image mean")
     g.add_argument("--blur-sigma", type=float, default=M.RISE_BLUR_SIGMA,
                    help=f"insertion's start blur sigma in pixels, radius = sigma (default {M.RISE_BLUR_SIGMA:g}: RISE's 11 taps)")
-    g.add_argument("--step-chunk", type=_positive, default=16,
+    g.add_argument("--step-chunk", type=positive_int, default=16,
                    help="perturbed copies per image per model call (memory; default 16)")
     g = parser.add_argument_group("localisation and SHAP")
     g.add_argument("--tolerance", type=float, default=M.POINTING_TOLERANCE,
                    help=f"pointing game tolerance in pixels (default {M.POINTING_TOLERANCE})")
     g.add_argument("--shap-method", default="permutation", help="SHAP estimator: permutation, kernel or exact")
-    g.add_argument("--shap-samples", type=_positive, default=16, help="SHAP samples per image: permutations or coalitions, even (default 16)")
-    g.add_argument("--shap-chunk", type=_positive, default=64, help="SHAP head evaluations per call (default 64)")
-    g.add_argument("--topk", type=_positive, default=10, help="k of the SHAP top-k overlap (default 10)")
+    g.add_argument("--shap-samples", type=positive_int, default=16, help="SHAP samples per image: permutations or coalitions, even (default 16)")
+    g.add_argument("--shap-chunk", type=positive_int, default=64, help="SHAP head evaluations per call (default 64)")
+    g.add_argument("--topk", type=positive_int, default=10, help="k of the SHAP top-k overlap (default 10)")
     g = parser.add_argument_group("outputs")
     g.add_argument("--grid", type=int, default=4, help="images in the qualitative grid (0: none; default 4)")
     g.add_argument("--data-dir", default=None, help="TFDS data dir (default: TFDS's)")

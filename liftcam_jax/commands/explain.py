@@ -20,6 +20,7 @@ import argparse
 
 from .. import methods as _methods
 from ..errors import UsageError
+from ._args import add_model_arguments, positive_int
 
 
 def _target(text: str):
@@ -31,36 +32,23 @@ def _target(text: str):
         raise argparse.ArgumentTypeError(f"bad target {text!r}; use 'auto' or a class index") from None
 
 
-def _positive(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        v = 0
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return v
-
-
 def add_arguments(parser):
     parser.add_argument("inputs", nargs="+", metavar="INPUT",
                         help="image files, folders, .npy arrays (N, H, W, 3) preprocessed, or tfds:NAME[/CONFIG]:SPLIT")
-    parser.add_argument("--model", required=True, help="model name (see 'liftcam-jax demo --help' for the zoo)")
-    parser.add_argument("--weights", default=None,
-                        help="checkpoint path, or 'random' (default: the model's pretrained weights)")
-    parser.add_argument("--layer", default=None, help="where to split the model (default: the model's default layer)")
+    add_model_arguments(parser)
     parser.add_argument("--method", default="lift-cam",
                         help="explanation method (default lift-cam); one of: " + ", ".join(_methods.names()))
     parser.add_argument("--target", type=_target, default=None,
                         help="'auto' (the predicted class, default) or a class index")
-    parser.add_argument("--batch-size", type=_positive, default=32,
+    parser.add_argument("--batch-size", type=positive_int, default=32,
                         help="images per step, rounded up to a multiple of the device count (default 32)")
     parser.add_argument("--save", choices=("overlay", "raw", "both"), default="both",
                         help="PNG overlays, .npz arrays, or both (default both)")
     parser.add_argument("--out", required=True, help="output folder (created; reused to resume)")
-    parser.add_argument("--limit", type=_positive, default=None, help="explain only the first N inputs")
+    parser.add_argument("--limit", type=positive_int, default=None, help="explain only the first N inputs")
     parser.add_argument("--data-dir", default=None, help="TFDS data dir (default: TFDS's)")
     parser.add_argument("--download", action="store_true", help="let TFDS download and prepare a missing dataset")
-    parser.add_argument("--workers", type=_positive, default=None, help="image decoding threads (default up to 4)")
+    parser.add_argument("--workers", type=positive_int, default=None, help="image decoding threads (default up to 4)")
     parser.add_argument("--alpha", type=float, default=0.5, help="heat-map weight in the overlays (default 0.5)")
     parser.add_argument("--cmap", default="jet", help="overlay colormap: jet, hot or gray (default jet)")
     parser.add_argument("--seed", type=int, default=0, help="PRNG seed for randomised methods (default 0)")
