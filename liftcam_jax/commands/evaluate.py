@@ -728,18 +728,21 @@ def _plot_curves(out, results, methods, args) -> None:
     if not have:
         return
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        # A bare Figure with its own Agg canvas: no pyplot, so the caller's
+        # backend (e.g. a notebook's inline one) is left alone.
+        from matplotlib import colormaps
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
     except ImportError:
         if not args.quiet:
             print("liftcam-jax: evaluate: matplotlib not installed; no curves.png "
                   "(pip install matplotlib)", file=sys.stderr)
         return
     fr = np.asarray(results["config"]["fractions"])
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    colors = plt.get_cmap("tab20").colors
+    fig = Figure(figsize=(11, 4.2))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 2)
+    colors = colormaps["tab20"].colors
     for ax, k in zip(axes, ("deletion", "insertion")):
         for j, m in enumerate(have):
             e = results["aggregate"][m]
@@ -757,7 +760,6 @@ def _plot_curves(out, results, methods, args) -> None:
     fig.tight_layout()
     buf = _pyio.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
     _io.write_bytes(os.path.join(out, "curves.png"), buf.getvalue())
 
 
