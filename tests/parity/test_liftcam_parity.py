@@ -11,10 +11,9 @@ Relative error = max|ours - theirs| / max|theirs|, per tensor.
 import numpy as np
 import pytest
 
-REASON = ("parity tier needs the PyTorch reference stack "
-          "(pip install torch==2.14.1 torchvision==0.29.1 timm captum grad-cam)")
+from conftest import REASON, relative_error as _rel
+
 torch = pytest.importorskip("torch", reason=REASON)
-torchvision = pytest.importorskip("torchvision", reason=REASON)
 captum_attr = pytest.importorskip("captum.attr", reason=REASON)
 
 import jax.numpy as jnp  # noqa: E402
@@ -22,16 +21,11 @@ import jax.numpy as jnp  # noqa: E402
 import liftcam_jax as lj  # noqa: E402
 import models  # noqa: E402
 
-torch.set_num_threads(2)
 TOL = 1e-4
 
 
-def _rel(ours, theirs):
-    ours, theirs = np.asarray(ours, np.float64), np.asarray(theirs, np.float64)
-    return float(np.max(np.abs(ours - theirs)) / max(np.max(np.abs(theirs)), 1e-30))
-
-
 def _no_inplace(module):
+    """Captum's hooks need out-of-place ReLUs (torchvision's are in place)."""
     for name, child in module.named_children():
         if isinstance(child, torch.nn.ReLU):
             setattr(module, name, torch.nn.ReLU(inplace=False))
@@ -40,19 +34,8 @@ def _no_inplace(module):
     return module
 
 
-def _build(name):
-    """Random-weight torchvision model with random biases; its (features, head) at the authors' split."""
-    torch.manual_seed(0)
-    net = getattr(torchvision.models, name)(weights=None).eval()
-    with torch.no_grad():
-        for mod in net.modules():
-            if isinstance(mod, (torch.nn.Conv2d, torch.nn.Linear)) and mod.bias is not None:
-                mod.bias.normal_(0.0, 0.1)
-            if isinstance(mod, torch.nn.BatchNorm2d):
-                mod.running_mean.normal_(0.0, 0.1)
-                mod.running_var.uniform_(0.5, 1.5)
-                mod.weight.normal_(1.0, 0.2)
-                mod.bias.normal_(0.0, 0.1)
+def _split(net, name):
+    """The torch model's (features, head) at the authors' split."""
     _no_inplace(net)
     if name.startswith("vgg"):
         features = net.features[:30]  # up to the ReLU of conv5_3
@@ -60,9 +43,7 @@ def _build(name):
     else:
         features = torch.nn.Sequential(*list(net.children())[:-2])  # up to layer4
         head = torch.nn.Sequential(net.avgpool, torch.nn.Flatten(), net.fc)
-    state = {k: v.detach().numpy() for k, v in net.state_dict().items()}
-    params = models.convert.from_torch(state, models.get(name))
-    return features.eval(), head.eval(), params
+    return features.eval(), head.eval()
 
 
 def _authors_lift_cam(features, head, x, targets):
@@ -79,8 +60,9 @@ def _authors_lift_cam(features, head, x, targets):
 
 
 @pytest.mark.parametrize("name", ["vgg16", "resnet50"])
-def test_lift_cam_matches_captum_deeplift(name):
-    features, head, params = _build(name)
+def test_lift_cam_matches_captum_deeplift(name, torchvision_pair):
+    net, params = torchvision_pair(name)
+    features, head = _split(net, name)
     split = models.get(name).split()
     rng = np.random.default_rng(1)
     x = rng.normal(size=(2, 3, 224, 224)).astype(np.float32)
