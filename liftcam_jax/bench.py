@@ -75,6 +75,7 @@ __all__ = [
     "bench",
     "compilation_cache",
     "device_info",
+    "load_report",
     "parse_method_spec",
     "program_memory",
 ]
@@ -378,6 +379,15 @@ class Report:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, default=str)
 
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "Report":
+        """The inverse of :meth:`to_dict` (e.g. to re-render a saved JSON report)."""
+        d = dict(d)
+        d["input_shape"] = tuple(d["input_shape"])
+        d["forward"] = [ForwardRow(**f) for f in d["forward"]]
+        d["rows"] = [Row(**r) for r in d["rows"]]
+        return cls(**d)
+
     def to_markdown(self) -> str:
         return markdown(self)
 
@@ -387,13 +397,26 @@ def _mib(n: Optional[int]) -> str:
 
 
 def _fmt_s(t: float) -> str:
+    if t == 0:
+        return "0"
     if t >= 100:
         return f"{t:,.0f}"
     if t >= 1:
         return f"{t:.2f}"
     if t >= 0.01:
         return f"{t:.3f}"
-    return f"{t:.2e}"
+    return f"{t:.3g}"
+
+
+def _build_s(detail: Mapping[str, Any]) -> float:
+    """Trace + lowering + XLA compile seconds of a first call (JAX's monitoring events)."""
+    return float(detail.get("trace_s", 0.0) + detail.get("lower_s", 0.0) + detail.get("xla_compile_s", 0.0))
+
+
+def load_report(path) -> Report:
+    """A report saved with ``--out FILE.json``."""
+    with open(path) as f:
+        return Report.from_dict(json.load(f))
 
 
 def markdown(report: Report) -> str:
@@ -413,21 +436,23 @@ def markdown(report: Report) -> str:
         lines += ["", f"Command: `{report.command}`"]
     lines += [
         "",
-        "| method | batch | compile s | s / image | images / s | forward s / image | ratio to forward "
-        "| CPU s / image | forward CPU s / image | CPU ratio | temp MiB | total MiB |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| method | batch | compile s | trace+lower+XLA s | s / image | images / s | forward s / image "
+        "| ratio to forward | CPU s / image | forward CPU s / image | CPU ratio | temp MiB | total MiB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for f in report.forward:
         lines.append(
-            f"| (forward pass) | {f.batch_size} | {_fmt_s(f.compile_s)} | {_fmt_s(f.seconds_per_image)} "
-            f"| {1.0 / f.seconds_per_image:,.1f} | {_fmt_s(f.seconds_per_image)} | 1.00 "
+            f"| (forward pass) | {f.batch_size} | {_fmt_s(f.compile_s)} | {_fmt_s(_build_s(f.compile_detail))} "
+            f"| {_fmt_s(f.seconds_per_image)} "
+            f"| {_fmt_s(1.0 / f.seconds_per_image)} | {_fmt_s(f.seconds_per_image)} | 1.00 "
             f"| {_fmt_s(f.cpu_seconds_per_image)} | {_fmt_s(f.cpu_seconds_per_image)} | 1.00 "
             f"| {_mib(f.memory_bytes.get('temp'))} | {_mib(f.memory_bytes.get('total'))} |"
         )
     for r in report.rows:
         lines.append(
-            f"| {r.label} | {r.batch_size} | {_fmt_s(r.compile_s)} | {_fmt_s(r.seconds_per_image)} "
-            f"| {r.images_per_s:,.2f} | {_fmt_s(r.forward_seconds_per_image)} | {r.ratio:.2f} "
+            f"| {r.label} | {r.batch_size} | {_fmt_s(r.compile_s)} | {_fmt_s(_build_s(r.compile_detail))} "
+            f"| {_fmt_s(r.seconds_per_image)} "
+            f"| {_fmt_s(r.images_per_s)} | {_fmt_s(r.forward_seconds_per_image)} | {r.ratio:.2f} "
             f"| {_fmt_s(r.cpu_seconds_per_image)} | {_fmt_s(r.forward_cpu_seconds_per_image)} | {r.cpu_ratio:.2f} "
             f"| {_mib(r.memory_bytes.get('temp'))} | {_mib(r.memory_bytes.get('total'))} |"
         )
@@ -439,7 +464,9 @@ def markdown(report: Report) -> str:
                      {f.memory_bytes.get("source", "") for f in report.forward} - {""})
     lines += [
         "",
-        "compile = first call minus one steady call; ratio = median of (method / forward) over "
+        "compile = first call minus one steady call (noisy when the machine is shared: a single "
+        "steady call is subtracted from one first call); trace+lower+XLA = the durations JAX's "
+        "monitoring events report for that first call; ratio = median of (method / forward) over "
         "interleaved pairs, in wall-clock and in process CPU time; memory = the compiled program's buffer assignment "
         f"({'; '.join(sources) or 'memory_analysis'}): temp = scratch buffers, "
         "total = temp + arguments (parameters and input) + outputs. "

@@ -115,6 +115,9 @@ def test_bench_api_fields():
     assert report.compilation_cache == "off"
     assert report.process_peak_rss_bytes is None or report.process_peak_rss_bytes > 0
     md = report.to_markdown()
+    again = B.Report.from_dict(json.loads(report.to_json()))
+    assert again.to_markdown().replace("[2.0]", "(2.0,)") == md  # JSON turns tuples into lists
+    assert again.rows[1].options == {"sigmas": [2.0]}
     assert "| lift-cam | 3 |" in md and "| (forward pass) | 1 |" in md and dev["device_kind"] in md
     json.loads(report.to_json())
 
