@@ -3,7 +3,9 @@
 --data is a folder with images and labels.csv (columns file = path relative to
 the folder, imagenet_index = the class; other columns ignored), and optionally
 boxes.csv (file,xmin,ymin,xmax,ymax; several rows per file allowed; pixel
-coordinates of the stored image) for the localisation metrics; or a TFDS split
+coordinates of the stored image, mapped to the model input through its
+preprocessing: squash, or shorter-side resize + centre crop, where boxes
+outside the crop drop out) for the localisation metrics; or a TFDS split
 tfds:NAME[/CONFIG]:SPLIT prepared as array_record (labels from the 'label'
 feature; boxes from an 'objects/bbox' or 'bbox' feature when there is one).
 
