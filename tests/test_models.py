@@ -12,7 +12,9 @@ from liftcam_jax import Classifier
 from liftcam_jax.errors import UsageError
 from models import UnknownLayerError
 from models.convert import variable_shapes
-from models.layers import adaptive_avg_pool, same_padding
+import flax.linen as nn
+
+from models.layers import DepthwiseConv, adaptive_avg_pool, conv, same_padding
 
 # Parameter counts published by torchvision 0.29 (weights docs) and timm 1.0
 # (tf_efficientnet_lite*): an independent check of every layer's shape.
@@ -194,6 +196,30 @@ def test_same_padding_is_tensorflows():
     assert same_padding(56, 5, 1) == (2, 2)
     assert same_padding(7, 1, 1) == (0, 0)
     assert same_padding(1, 3, 2) == (1, 1)
+
+
+@pytest.mark.parametrize("kernel,stride,padding,size", [
+    (3, 1, ((1, 1), (1, 1)), 14), (5, 2, ((1, 2), (1, 2)), 28),
+    (3, 2, ((0, 1), (0, 1)), 15), (5, 1, ((2, 2), (2, 2)), 7), (3, 1, ((0, 0), (0, 0)), 9)])
+def test_depthwise_conv_is_the_grouped_convolution(kernel, stride, padding, size):
+    """Same parameter tree and, up to float rounding, same output as nn.Conv with one
+    group per channel, for odd/even sizes, strides and asymmetric SAME padding."""
+    x = jax.random.normal(jax.random.key(0), (2, size, size, 12))
+    dw = conv(12, kernel, stride, padding, groups=12)
+    assert isinstance(dw, DepthwiseConv)
+    params = dw.init(jax.random.key(1), x)
+    grouped = nn.Conv(12, (kernel, kernel), strides=(stride, stride), padding=padding,
+                      feature_group_count=12, use_bias=False)
+    assert jax.tree.map(jnp.shape, params) == jax.tree.map(
+        jnp.shape, grouped.init(jax.random.key(1), x))
+    expected = grouped.apply(params, x)
+    got = dw.apply(params, x)
+    assert got.shape == expected.shape
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    # Linear in x: the same map under the rescale rule as under autodiff.
+    jac = jax.jacobian(lambda v: dw.apply(params, v).sum())(x)
+    jac_ref = jax.jacobian(lambda v: grouped.apply(params, v).sum())(x)
+    np.testing.assert_allclose(jac, jac_ref, rtol=1e-5, atol=1e-5)
 
 
 def test_resnet_maxpool_pads_with_minus_infinity():
