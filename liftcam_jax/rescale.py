@@ -48,6 +48,7 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.extend import core as jcore
 
 __all__ = [
@@ -79,7 +80,29 @@ class _Pair(NamedTuple):
     """An input-dependent value at the actual and at the reference input."""
 
     val: Any
-    ref: Any
+    ref: Any  # an array, or a _Zeros while the reference value is known to be zero
+
+
+class _Zeros(NamedTuple):
+    """A reference value known to be all zeros, not materialised.
+
+    The default reference of LIFT-CAM and DeepLIFT is zero. Through the head's
+    first linear layers (``dot_general``, ``conv_general_dilated``, reshapes,
+    max-pooling, ...) its value stays zero, so the reference pass skips them: on
+    VGG16 that saves reading fc6's 25088 x 4096 weights a second time.
+    """
+
+    shape: tuple
+    dtype: Any
+
+
+def _ref(u: _Pair):
+    """The reference value of ``u`` as an array (zeros materialised on demand)."""
+    if isinstance(u.ref, _Zeros):
+        # The barrier keeps XLA from constant-folding the reference pass when a
+        # caller closes over the parameters (slow to compile, nothing gained).
+        return jax.lax.optimization_barrier(jnp.zeros(u.ref.shape, u.ref.dtype))
+    return u.ref
 
 
 # ---------------------------------------------------------------------------
@@ -107,6 +130,18 @@ _LINEAR_IN = {
     "scatter-add": (0, 2),
     "scatter_add": (0, 2),
 }
+# Linear with f(0) = 0 in their input-dependent operands whatever the constant
+# operands are: a zero reference stays zero through them.
+_HOMOGENEOUS = {
+    "mul", "div", "dot_general", "conv_general_dilated", "neg", "reshape", "transpose",
+    "broadcast_in_dim", "squeeze", "expand_dims", "reduce_sum", "reduce_window_sum",
+    "slice", "convert_element_type", "copy", "copy_p", "rev", "cumsum",
+    "reduce_precision", "real", "imag", "conj", "sharding_constraint", "split",
+    "squeeze_p", "optimization_barrier", "pvary", "mesh_cast", "psum",
+    "dynamic_slice", "gather",
+}
+# Zero at zero only when every operand is input-dependent (sums, selections).
+_HOMOGENEOUS_IF_ALL = {"add", "add_any", "sub", "concatenate", "select_n"}
 # Elementwise nonlinearities of one input-dependent operand.
 _ELEMENTWISE = {
     "max", "min", "exp", "exp2", "log", "log1p", "expm1", "tanh", "logistic",
@@ -194,18 +229,50 @@ def _body_is_elementwise(jaxpr) -> bool:
 # the input-dependent operands (in operand order) to the outputs' tangents.
 # ---------------------------------------------------------------------------
 
+def _zeros_like_out(eqn):
+    return [_Zeros(tuple(v.aval.shape), v.aval.dtype) for v in eqn.outvars]
+
+
+def _stays_zero(eqn, ins, dep_idx) -> bool:
+    """Whether the outputs are zero when every input-dependent operand's reference is."""
+    if not all(isinstance(ins[i].ref, _Zeros) for i in dep_idx):
+        return False
+    name = eqn.primitive.name
+    if name == "select_n":  # the predicate (operand 0) is constant
+        return len(dep_idx) == len(ins) - 1
+    if name == "pad":  # zero padding of zeros
+        return dep_idx == [0] and _is_known_zero(ins[1])
+    if name in _HOMOGENEOUS_IF_ALL:
+        return len(dep_idx) == len(ins)
+    return name in _HOMOGENEOUS
+
+
+def _is_known_zero(x) -> bool:
+    """``x`` is a concrete (not traced) value equal to zero."""
+    if isinstance(x, jax.core.Tracer):
+        return False
+    try:
+        return bool(np.all(np.asarray(x) == 0))
+    except Exception:  # noqa: BLE001 - anything not convertible is not a known zero
+        return False
+
+
 def _linear_rule(eqn, ins, dep_idx, ctx):
     f = _eqn_fn(eqn, ins, dep_idx)
     vals, lin = jax.linearize(f, *[ins[i].val for i in dep_idx])
-    refs = f(*[ins[i].ref for i in dep_idx])
+    if _stays_zero(eqn, ins, dep_idx):
+        refs = _zeros_like_out(eqn)
+    else:
+        refs = f(*[_ref(ins[i]) for i in dep_idx])
     return [_Pair(v, r) for v, r in zip(vals, refs)], lambda *t: list(lin(*t))
 
 
 def _secant(g, u: _Pair, eps):
     """Secant slope of an elementwise ``g`` between ``u.val`` and ``u.ref``."""
     val, deriv = jax.jvp(g, (u.val,), (jnp.ones_like(u.val),))
-    ref = g(u.ref)
-    du = u.val - u.ref
+    u_ref = _ref(u)
+    ref = g(u_ref)
+    du = u.val - u_ref
     small = _where_small(du, eps)
     slope = jnp.where(small, deriv, (val - ref) / jnp.where(small, 1.0, du))
     return val, ref, jax.lax.stop_gradient(slope)
@@ -216,7 +283,7 @@ def _elementwise_rule(eqn, ins, dep_idx, ctx):
     out_shape = eqn.outvars[0].aval.shape
     u = ins[i]
     if jnp.shape(u.val) != tuple(out_shape):  # a scalar operand against a constant array
-        u = _Pair(jnp.broadcast_to(u.val, out_shape), jnp.broadcast_to(u.ref, out_shape))
+        u = _Pair(jnp.broadcast_to(u.val, out_shape), jnp.broadcast_to(_ref(u), out_shape))
         expand = lambda t: jnp.broadcast_to(t, out_shape)
     else:
         expand = lambda t: t
@@ -231,14 +298,18 @@ def _chooser_rule(eqn, ins, dep_idx, ctx):
     x = ins[0]
     f = lambda v: _bind(eqn, [v])[0]
     val, sel_a = jax.linearize(f, x.val)
-    ref, sel_r = jax.linearize(f, x.ref)
-    dx = x.val - x.ref
+    x_ref = _ref(x)
+    ref, sel_r = jax.linearize(f, x_ref)
+    if isinstance(x.ref, _Zeros) and _windows_hold_data(eqn):
+        ref = _zeros_like_out(eqn)[0]  # the maximum of zeros; ``ref`` below is its value
+    dx = x.val - x_ref
     small = _where_small(dx, ctx.eps)
     ctx.nonlinear.append(eqn.primitive.name)
     inv = jnp.where(small, 0.0, 1.0 / jnp.where(small, 1.0, dx))
     fallback = small.astype(dx.dtype)
-    c = cross(val, ref)
-    to_actual = jax.lax.stop_gradient(c - ref)
+    ref_value = jnp.zeros_like(val) if isinstance(ref, _Zeros) else ref
+    c = cross(val, ref_value)
+    to_actual = jax.lax.stop_gradient(c - ref_value)
     to_reference = jax.lax.stop_gradient(val - c)
     inv, fallback = jax.lax.stop_gradient(inv), jax.lax.stop_gradient(fallback)
 
@@ -247,6 +318,16 @@ def _chooser_rule(eqn, ins, dep_idx, ctx):
         return [to_actual * sel_a(scaled) + to_reference * sel_r(scaled) + sel_a(fallback * t)]
 
     return [_Pair(val, ref)], tangent
+
+
+def _windows_hold_data(eqn) -> bool:
+    """Every pooling window covers at least one real (not padded) element."""
+    if eqn.primitive.name in ("reduce_max", "reduce_min"):
+        return True
+    p = eqn.params
+    if any(d != 1 for d in (*p.get("base_dilation", ()), *p.get("window_dilation", ()))):
+        return False
+    return all(lo < k and hi < k for (lo, hi), k in zip(p["padding"], p["window_dimensions"]))
 
 
 def _call_rule(eqn, ins, dep_idx, ctx):
@@ -438,7 +519,7 @@ class Linearized(NamedTuple):
     nonlinear: tuple = ()
 
 
-def linearize(fun: Callable, x, x_ref, *, eps: float = DEFAULT_EPS) -> Linearized:
+def linearize(fun: Callable, x, x_ref=None, *, eps: float = DEFAULT_EPS) -> Linearized:
     """Build DeepLIFT's rescale-rule linear map of ``fun`` between ``x_ref`` and ``x``.
 
     Args:
@@ -446,7 +527,9 @@ def linearize(fun: Callable, x, x_ref, *, eps: float = DEFAULT_EPS) -> Linearize
         ``lambda a: head(params, a)``; closed-over values stay arguments of any
         enclosing ``jit``).
       x: the input (pytree of float arrays).
-      x_ref: the reference, same structure and shapes as ``x``.
+      x_ref: the reference, same structure and shapes as ``x``; ``None`` (the
+        default) is the all-zero reference, kept symbolic through the layers
+        that map zero to zero so that the reference pass skips them.
       eps: differences below this use the derivative instead of the secant.
 
     Returns:
@@ -455,16 +538,19 @@ def linearize(fun: Callable, x, x_ref, *, eps: float = DEFAULT_EPS) -> Linearize
     nonlinear operations met (``()`` for an affine ``fun``).
     """
     flat_x, tree = jax.tree_util.tree_flatten(x)
-    flat_r, tree_r = jax.tree_util.tree_flatten(x_ref)
-    if tree != tree_r:
-        raise ValueError(f"input and reference differ in structure: {tree} vs {tree_r}")
-    for a, b in zip(flat_x, flat_r):
-        if jnp.shape(a) != jnp.shape(b):
-            raise ValueError(f"input and reference differ in shape: {jnp.shape(a)} vs {jnp.shape(b)}")
-    flat_r = [jnp.asarray(r, jnp.result_type(a)) for a, r in zip(flat_x, flat_r)]
-    # A constant reference (the usual all-zero one) would let XLA constant-fold
-    # the whole reference pass at compile time: slow to compile, nothing gained.
-    flat_r = list(jax.lax.optimization_barrier(tuple(flat_r)))
+    if x_ref is None:
+        flat_r = [_Zeros(jnp.shape(a), jnp.result_type(a)) for a in flat_x]
+    else:
+        flat_r, tree_r = jax.tree_util.tree_flatten(x_ref)
+        if tree != tree_r:
+            raise ValueError(f"input and reference differ in structure: {tree} vs {tree_r}")
+        for a, b in zip(flat_x, flat_r):
+            if jnp.shape(a) != jnp.shape(b):
+                raise ValueError(f"input and reference differ in shape: {jnp.shape(a)} vs {jnp.shape(b)}")
+        flat_r = [jnp.asarray(r, jnp.result_type(a)) for a, r in zip(flat_x, flat_r)]
+        # A constant reference would let XLA constant-fold the whole reference
+        # pass at compile time: slow to compile, nothing gained.
+        flat_r = list(jax.lax.optimization_barrier(tuple(flat_r)))
 
     out_tree = []
 
@@ -481,7 +567,7 @@ def linearize(fun: Callable, x, x_ref, *, eps: float = DEFAULT_EPS) -> Linearize
         closed.jaxpr, closed.consts, [_Pair(a, r) for a, r in zip(flat_x, flat_r)], ctx
     )
     vals = [o.val if isinstance(o, _Pair) else o for o in outs]
-    refs = [o.ref if isinstance(o, _Pair) else o for o in outs]
+    refs = [_ref(o) if isinstance(o, _Pair) else o for o in outs]
 
     def linear(dx):
         leaves = jax.tree_util.tree_leaves(dx)
@@ -550,7 +636,8 @@ def deeplift(fun: Callable, x, x_ref=None, targets=None, *, eps: float = DEFAULT
       :class:`DeepLift` with attributions and multipliers shaped like ``x``.
     """
     x = jnp.asarray(x)
-    x_ref = jnp.zeros_like(x) if x_ref is None else jnp.broadcast_to(jnp.asarray(x_ref, x.dtype), x.shape)
+    if x_ref is not None:
+        x_ref = jnp.broadcast_to(jnp.asarray(x_ref, x.dtype), x.shape)
     lin = linearize(fun, x, x_ref, eps=eps)
     out, out_ref = lin.out, lin.out_ref
     if out.ndim == 1:
@@ -563,6 +650,6 @@ def deeplift(fun: Callable, x, x_ref=None, targets=None, *, eps: float = DEFAULT
         ct = jax.nn.one_hot(targets, out.shape[-1], dtype=out.dtype)
         gap = jnp.sum(ct * (out - out_ref), axis=-1)
     m = lin.transpose(ct)
-    attr = m * (x - x_ref)
+    attr = m * (x if x_ref is None else x - x_ref)
     delta = jnp.sum(attr.reshape(attr.shape[0], -1), axis=-1) - gap
     return DeepLift(attr, m, out, out_ref, delta)

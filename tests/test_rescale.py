@@ -65,6 +65,53 @@ def test_summation_to_delta_mixed_head(mixed, ref_kind):
     assert set(lin.nonlinear) >= {"custom_jvp_call[relu6]", "reduce_window_max", "tanh"}
 
 
+class ZeroPathHead(nn.Module):
+    """Layers that map a zero reference to zero (bias-free conv and dense, zero padding,
+    padded max-pooling, slicing, concatenation, sums) before and after nonlinearities."""
+
+    @nn.compact
+    def __call__(self, a):
+        y = nn.Conv(8, (3, 3), padding=1, use_bias=False)(a)
+        y = jax.lax.pad(y, 0.0, ((0, 0, 0), (1, 0, 0), (0, 1, 0), (0, 0, 0)))
+        y = nn.max_pool(y, (3, 3), (2, 2), padding="SAME")
+        y = jnp.concatenate([y, -y[..., :2]], axis=-1) + y[..., :1]
+        y = y.reshape(y.shape[0], -1)
+        y = jax.nn.relu(nn.Dense(16)(y))
+        return nn.Dense(5, use_bias=False)(y)
+
+
+@pytest.mark.parametrize("which", ["mixed", "zero-path"])
+def test_symbolic_zero_reference_equals_explicit_zeros(mixed, which):
+    """``x_ref=None`` keeps the zero reference symbolic through zero-preserving layers:
+    the same outputs, reference outputs, multipliers and nonlinearities as explicit zeros."""
+    if which == "mixed":
+        head, v, a = mixed
+    else:
+        head = ZeroPathHead()
+        a = jax.random.normal(jax.random.PRNGKey(7), (3, 7, 7, 4))
+        v = head.init(jax.random.PRNGKey(8), a)
+    f = lambda z: head.apply(v, z)
+    sym = linearize(f, a)
+    explicit = linearize(f, a, jnp.zeros_like(a))
+    np.testing.assert_allclose(sym.out_ref, explicit.out_ref, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(sym.out, explicit.out, rtol=1e-6, atol=1e-6)
+    assert sym.nonlinear == explicit.nonlinear
+    ct = jax.random.normal(jax.random.PRNGKey(9), sym.out.shape)
+    np.testing.assert_allclose(sym.transpose(ct), explicit.transpose(ct), rtol=1e-5, atol=1e-6)
+    assert _rel(sym.linear(a), sym.out - sym.out_ref) < 1e-5
+    r = jax.jit(lambda z: deeplift(f, z, targets=1))(a)
+    assert float(jnp.max(jnp.abs(r.delta))) <= 1e-5 * float(jnp.max(jnp.abs(r.out)))
+    if which == "zero-path":
+        # The reference pass skips every layer before the first bias: no convolution
+        # or pooling is compiled for it, while explicit zeros compute them.
+        def hlo(ref):
+            g = jax.jit(lambda p, z: linearize(lambda q: head.apply(p, q), z, ref(z)).out_ref)
+            txt = g.lower(v, a).compile().as_text()
+            return txt.count("convolution("), txt.count("reduce-window(")
+        assert hlo(lambda z: None) == (0, 0)
+        assert hlo(jnp.zeros_like) == (1, 1)
+
+
 def test_linear_map_is_linear_and_transpose_is_adjoint(mixed):
     head, v, a = mixed
     lin = linearize(lambda z: head.apply(v, z), a, jnp.zeros_like(a))

@@ -47,11 +47,11 @@ def lift_cam_coefficients(head, params, activations, targets, reference=None, *,
       ``(phi, logits, reference_logits)``: ``phi`` is ``(B, K)`` (or ``(T, B, K)``).
     """
     a = activations
-    ref = jnp.zeros_like(a) if reference is None else jnp.broadcast_to(jnp.asarray(reference, a.dtype), a.shape)
+    ref = None if reference is None else jnp.broadcast_to(jnp.asarray(reference, a.dtype), a.shape)
     lin = rescale.linearize(lambda z: head(params, z), a, ref, eps=eps)
     targets = jnp.asarray(targets, jnp.int32)
     classes = lin.out.shape[-1]
-    delta = a - ref
+    delta = a if ref is None else a - ref
 
     def coeffs(t):
         m = lin.transpose(jax.nn.one_hot(t, classes, dtype=lin.out.dtype))
