@@ -319,23 +319,60 @@ def _bilinear_matrix(n_in, n_out):
     return m
 
 
-def test_score_cam_against_a_per_channel_loop(vgg):
-    split, params, x = vgg
-    targets = np.array([1, 4, 6])
-    e = lj.explain(split, params, x, targets, method="score-cam", chunk_size=4)
+def _score_cam_loop(split, params, x, targets):
+    """Score-CAM coefficients, one forward pass per image and channel (numpy masks);
+    a map constant before upsampling gives the zero mask."""
     a = np.asarray(split.features(params, x), np.float64)
     (b, h, w, k), (H, W) = a.shape, x.shape[1:3]
     mh, mw = _bilinear_matrix(h, H), _bilinear_matrix(w, W)
+    out = np.zeros((b, k))
     for i in range(b):
         scores = []
         for c in range(k):
             up = mh @ a[i, :, :, c] @ mw.T
             span = up.max() - up.min()
+            if a[i, :, :, c].max() == a[i, :, :, c].min():
+                span = 0.0
             mask = (up - up.min()) / span if span > 0 else np.zeros_like(up)
-            out = split(params, x[i : i + 1] * jnp.asarray(mask, jnp.float32)[None, :, :, None])
-            scores.append(float(out[0, targets[i]]))
+            logits = split(params, x[i : i + 1] * jnp.asarray(mask, jnp.float32)[None, :, :, None])
+            scores.append(float(logits[0, targets[i]]))
         want = np.exp(scores - np.max(scores))
-        np.testing.assert_allclose(e.coefficients[i], want / want.sum(), rtol=1e-4, atol=1e-6)
+        out[i] = want / want.sum()
+    return out
+
+
+def test_score_cam_against_a_per_channel_loop(vgg):
+    split, params, x = vgg
+    targets = np.array([1, 4, 6])
+    e = lj.explain(split, params, x, targets, method="score-cam", chunk_size=4)
+    np.testing.assert_allclose(e.coefficients, _score_cam_loop(split, params, x, targets), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 64])
+def test_score_cam_constant_maps_score_the_zero_image(vgg, chunk):
+    """Dead channels (zero maps), a saturated one (0.7 everywhere) and a spatially
+    constant one whose value depends on the image: every constant map masks the input
+    to zeros, and skipping their forward passes changes nothing."""
+    split, params, x = vgg
+    keep = jnp.asarray([0, 1, 0, 0, 1, 1], jnp.float32)
+    fill = jnp.asarray([0, 0, 0.7, 0, 0, 0], jnp.float32)
+
+    def features(p, v):
+        a = split.features(p, v)
+        a = a.at[..., 4].set(jnp.mean(a[..., 4], axis=(1, 2), keepdims=True))
+        return a * keep + fill
+
+    masked = lj.Split(features, split.head)
+    targets = np.array([2, 0, 5])
+    e = lj.explain(masked, params, x, targets, method="score-cam", chunk_size=chunk)
+    np.testing.assert_allclose(e.coefficients, _score_cam_loop(masked, params, x, targets), rtol=1e-4, atol=1e-6)
+    # the four constant channels share the zero image's score, so one weight
+    np.testing.assert_allclose(e.coefficients[:, [2, 3, 4]], e.coefficients[:, [0, 0, 0]], rtol=1e-6)
+    # all maps constant: equal weights
+    flat = lj.Split(lambda p, v: jnp.mean(split.features(p, v), axis=(1, 2), keepdims=True) + 0 * split.features(p, v),
+                    split.head)
+    e = lj.explain(flat, params, x, targets, method="score-cam", chunk_size=chunk)
+    np.testing.assert_allclose(e.coefficients, np.full((3, 6), 1 / 6), rtol=1e-6)
 
 
 @pytest.mark.parametrize("relu_features", [True, False])
