@@ -146,7 +146,10 @@ def _remove_stale_temp_files(out_dir: str) -> None:
                     pass
 
 
-def _check_run_identity(out_dir: str, identity: dict) -> None:
+def check_run_identity(out_dir: str, identity: dict) -> None:
+    """Record ``identity`` (model, weights, method, options...) in ``out_dir/run.json``, or
+    refuse with a :class:`UsageError` when the folder holds a run with a different one:
+    resuming must never mix two configurations in one output."""
     path = os.path.join(out_dir, "run.json")
     try:
         with open(path, encoding="utf-8") as f:
@@ -238,7 +241,7 @@ def _check_resize_cost(prep, hw) -> None:
         )
 
 
-class _Reader(threading.Thread):
+class Reader(threading.Thread):
     """Reads, decodes and preprocesses items in order; emits ``("batch", entries)`` and ``("fail", item, msg)``."""
 
     def __init__(self, work, preprocess, batch_size, keep_display, workers, prefetch):
@@ -433,7 +436,7 @@ def run(
         "input_size": size,
     }
     identity.update(run_info or {})
-    _check_run_identity(out_dir, identity)
+    check_run_identity(out_dir, identity)
 
     # -- the share of this host, minus what is done -------------------------
     pi = jax.process_index() if process_index is None else int(process_index)
@@ -484,7 +487,7 @@ def run(
 
     bar = tqdm(total=n_todo, unit="img", desc="explain", file=err, disable=quiet, dynamic_ncols=True, smoothing=0.1)
     manifest = _io.Manifest(manifest_path)
-    reader = _Reader(work, prep, bs, keep_display, workers, prefetch)
+    reader = Reader(work, prep, bs, keep_display, workers, prefetch)
 
     def fail(item: Item, msg: str):
         manifest.append({

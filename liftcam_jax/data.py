@@ -310,7 +310,23 @@ class TfdsSource(Source):
         self.image_key = image_key
         self.max_pixels = -1
 
-    def _image(self, example) -> np.ndarray:
+    @property
+    def random_access(self) -> bool:
+        """Whether single examples can be read (:meth:`example`): array_record splits."""
+        return self._reader is not None
+
+    def example(self, item: Item) -> dict:
+        """The raw TFDS example of ``item`` (random access only); :class:`ItemError` if unreadable."""
+        if self._reader is None:
+            raise ItemError(f"{self.spec} is read in order only (not array_record)")
+        try:
+            with self._lock:
+                return self._reader[item.ref]
+        except Exception as e:
+            raise ItemError(f"cannot read example {item.ref[1]} of split {item.ref[0]}: {_one_line(e)}") from None
+
+    def image(self, example) -> np.ndarray:
+        """The RGB ``uint8`` image of a raw example (its ``image_key`` feature)."""
         if not isinstance(example, dict) or self.image_key not in example:
             keys = ", ".join(sorted(example)) if isinstance(example, dict) else type(example).__name__
             raise ItemError(f"example has no {self.image_key!r} feature (has: {keys})")
@@ -323,12 +339,7 @@ class TfdsSource(Source):
         return array_to_rgb(v)
 
     def load(self, item: Item) -> np.ndarray:
-        try:
-            with self._lock:
-                example = self._reader[item.ref]
-        except Exception as e:
-            raise ItemError(f"cannot read example {item.ref[1]} of split {item.ref[0]}: {_one_line(e)}") from None
-        return self._image(example)
+        return self.image(self.example(item))
 
     def read(self, items):
         if self._iterate is None:
@@ -341,7 +352,7 @@ class TfdsSource(Source):
         for ref, example in self._iterate():
             it = wanted.get(ref)
             if it is not None:
-                yield it, (lambda ex=example: self._image(ex))
+                yield it, (lambda ex=example: self.image(ex))
                 remaining -= 1
                 if not remaining:
                     break

@@ -217,7 +217,7 @@ class _TfdsLabelled:
     def __init__(self, inner):
         self.inner = inner
         self.items = inner.items
-        if getattr(inner, "_reader", None) is None:
+        if not getattr(inner, "random_access", False):
             raise UsageError(f"evaluate reads TFDS splits prepared as array_record (random access); "
                              f"{inner.spec} is not (tfds build NAME --file_format=array_record)")
 
@@ -228,11 +228,8 @@ class _TfdsLabelled:
     def load(self, item):
         from ..data import ItemError
 
-        try:
-            ex = self.inner._reader[item.ref]
-        except Exception as e:
-            raise ItemError(f"cannot read {item.source}: {e}") from None
-        image = self.inner._image(ex)
+        ex = self.inner.example(item)
+        image = self.inner.image(ex)
         if "label" not in ex:
             raise ItemError(f"{item.source} has no 'label' feature")
         label = int(np.asarray(ex["label"]))
@@ -264,9 +261,9 @@ def _num(v):
 
 
 def _reader_class():
-    from ..batch import _Reader
+    from ..batch import Reader
 
-    class EvalReader(_Reader):
+    class EvalReader(Reader):
         """The batch pipeline's reader, keeping the stored size and TFDS labels/boxes of each image."""
 
         def _prepare(self, item, load):
@@ -464,9 +461,9 @@ def run(args, zoo) -> int:
         "topk": args.topk,
         "input_size": int(classifier.preprocess.size),
     }
-    from ..batch import _check_run_identity
+    from ..batch import check_run_identity
 
-    _check_run_identity(out, cfg)
+    check_run_identity(out, cfg)
     cfg = dict(cfg, step_chunk=args.step_chunk, shap_chunk=args.shap_chunk)
 
     err = sys.stderr
