@@ -35,12 +35,13 @@ def _fail(message: str) -> int:
 
 
 def enable_compilation_cache(path: str | None = None) -> None:
-    """A persistent XLA compilation cache for CLI runs (``$LIFTCAM_JAX_CACHE`` or ~/.cache)."""
+    """A persistent XLA compilation cache for CLI runs: ``$LIFTCAM_JAX_CACHE/xla``
+    (default ``~/.cache/liftcam-jax/xla``), beside the zoo's converted parameters in
+    ``$LIFTCAM_JAX_CACHE/params``."""
     import jax
 
-    path = path or os.environ.get("LIFTCAM_JAX_CACHE") or os.path.join(
-        os.path.expanduser("~"), ".cache", "liftcam-jax", "xla"
-    )
+    root = os.environ.get("LIFTCAM_JAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "liftcam-jax")
+    path = path or os.path.join(root, "xla")
     try:
         os.makedirs(path, exist_ok=True)
         jax.config.update("jax_compilation_cache_dir", path)

@@ -181,3 +181,17 @@ def test_compilation_cache_switch_restores_the_setting():
     with B.compilation_cache(False):
         assert jax.config.jax_enable_compilation_cache is False
     assert jax.config.jax_enable_compilation_cache == before
+
+
+def test_cli_compilation_cache_lives_beside_the_params_cache(tmp_path):
+    import jax
+
+    from liftcam_jax.cli import enable_compilation_cache
+
+    before = jax.config.jax_compilation_cache_dir
+    try:
+        enable_compilation_cache()
+        assert jax.config.jax_compilation_cache_dir == str(tmp_path / "cache" / "xla")
+        assert (tmp_path / "cache" / "xla").is_dir()
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before)
