@@ -244,6 +244,8 @@ def markdown(rows, info) -> str:
         f"captum {info['captum']}. Median of {info['repeats']} interleaved calls after {info['warmup']} "
         "warm-up call(s), seconds per image.",
         "",
+        f"Command: `{info['command']}`",
+        "",
         "| model | method | batch | liftcam-jax s/img | jax / jax forward | peer s/img | peer / torch forward "
         "| speedup (peer / jax) | jax forward s/img | torch forward s/img "
         "| CPU s/img jax | CPU s/img peer | CPU speedup | max map diff |",
