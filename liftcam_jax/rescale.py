@@ -300,16 +300,15 @@ def _chooser_rule(eqn, ins, dep_idx, ctx):
     val, sel_a = jax.linearize(f, x.val)
     x_ref = _ref(x)
     ref, sel_r = jax.linearize(f, x_ref)
-    if isinstance(x.ref, _Zeros) and _windows_hold_data(eqn):
-        ref = _zeros_like_out(eqn)[0]  # the maximum of zeros; ``ref`` below is its value
+    # The maximum of zeros stays symbolically zero for the layers after this one.
+    out_ref = _zeros_like_out(eqn)[0] if isinstance(x.ref, _Zeros) and _windows_hold_data(eqn) else ref
     dx = x.val - x_ref
     small = _where_small(dx, ctx.eps)
     ctx.nonlinear.append(eqn.primitive.name)
     inv = jnp.where(small, 0.0, 1.0 / jnp.where(small, 1.0, dx))
     fallback = small.astype(dx.dtype)
-    ref_value = jnp.zeros_like(val) if isinstance(ref, _Zeros) else ref
-    c = cross(val, ref_value)
-    to_actual = jax.lax.stop_gradient(c - ref_value)
+    c = cross(val, ref)
+    to_actual = jax.lax.stop_gradient(c - ref)
     to_reference = jax.lax.stop_gradient(val - c)
     inv, fallback = jax.lax.stop_gradient(inv), jax.lax.stop_gradient(fallback)
 
@@ -317,7 +316,7 @@ def _chooser_rule(eqn, ins, dep_idx, ctx):
         scaled = inv * t
         return [to_actual * sel_a(scaled) + to_reference * sel_r(scaled) + sel_a(fallback * t)]
 
-    return [_Pair(val, ref)], tangent
+    return [_Pair(val, out_ref)], tangent
 
 
 def _windows_hold_data(eqn) -> bool:
