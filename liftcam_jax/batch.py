@@ -33,12 +33,13 @@ communication, and each resumes its own share.
 **Outputs** (``out_dir/<item id>.npz`` and/or ``.png``; ids in
 :mod:`liftcam_jax.data`): the ``.npz`` holds ``map`` ``(H, W)`` in [0, 1],
 ``raw`` ``(h, w)``, ``coefficients`` ``(K,)``, ``logits`` ``(C,)``,
-``target``, ``predicted`` and, for methods with one, ``reference_logits``;
+``target``, ``predicted``, for methods with one ``reference_logits``, and
+for labelled inputs (TFDS ``ClassLabel``) the dataset's ``label`` and ``label_name``;
 the ``.png`` is the map over the image the model saw (the resized input; for
 ``.npy`` inputs the input de-normalised). ``manifest.jsonl`` has one JSON line
 per input: ``id``, ``source``, ``status`` (``done``/``failed``),
 ``outputs``, ``error``, ``target``, ``target_name``, ``predicted``,
-``predicted_name``. ``run.json`` records the model, layer, method and target:
+``predicted_name``, ``label``, ``label_name``. ``run.json`` records the model, layer, method and target:
 resuming into a folder made by a different run is refused.
 
 **Crash safety.** Files are written atomically (:mod:`liftcam_jax.io`); an
@@ -60,7 +61,7 @@ import queue
 import sys
 import threading
 import time
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 
@@ -203,6 +204,32 @@ def _step_fn(split, method: str, options: dict, devices: tuple):
     return entry
 
 
+def _label_classes(classifier, sources, classes: int, label_map, required: bool) -> Dict[int, np.ndarray]:
+    """``id(source) -> (dataset label -> model class)`` for the labelled sources (see ``data.label_mapping``).
+
+    With ``required`` (``target="label"``) every source must have labels and a
+    mapping, else a :class:`UsageError` before any work; otherwise sources
+    whose labels cannot be mapped simply have none (labels are still recorded).
+    """
+    from .data import label_mapping
+
+    out = {}
+    for s in sources:
+        names = getattr(s, "label_names", None)
+        if names is None:
+            if required:
+                raise UsageError(f"--target label needs labelled inputs (a TFDS split with a ClassLabel feature); "
+                                 f"{getattr(s, 'spec', None) or s.items[0].source} has no labels")
+            continue
+        try:
+            out[id(s)] = label_mapping(names, classes, class_ids=classifier.class_ids,
+                                       class_names=classifier.class_names, label_map=label_map, dataset=s.spec)
+        except UsageError:
+            if required:
+                raise
+    return out
+
+
 def _num_classes(classifier, size: int) -> int:
     import jax
 
@@ -241,8 +268,21 @@ def _check_resize_cost(prep, hw) -> None:
         )
 
 
+class Meta(NamedTuple):
+    """What a batch entry carries besides its pixels: the source's label and boxes, the stored size."""
+
+    label: Optional[int]
+    label_name: Optional[str]
+    boxes: Optional[np.ndarray]  # (n, 4) in pixels of the stored image
+    size: tuple  # (H, W) of the stored image
+
+
 class Reader(threading.Thread):
-    """Reads, decodes and preprocesses items in order; emits ``("batch", entries)`` and ``("fail", item, msg)``."""
+    """Reads, decodes and preprocesses items; emits ``("batch", entries)`` and ``("fail", item, msg)``.
+
+    An entry is ``(item, x, shown, meta)``: the preprocessed input, the resized
+    image (when ``keep_display``) and its :class:`Meta`.
+    """
 
     def __init__(self, work, preprocess, batch_size, keep_display, workers, prefetch):
         super().__init__(daemon=True, name="liftcam-reader")
@@ -264,18 +304,20 @@ class Reader(threading.Thread):
                 continue
         return False
 
-    def _prepare(self, item: Item, load):
-        arr = load()
+    def _prepare(self, item: Item, fetch):
+        ex = fetch()
+        arr = ex.image
+        meta = Meta(ex.label, ex.label_name, ex.boxes, tuple(np.shape(arr)[:2]))
         size = int(self.prep.size)
         if item.kind == "image":
             _check_resize_cost(self.prep, arr.shape[:2])
             shown = self.prep.resize_image(arr)
             x = np.asarray(self.prep.normalize(shown), np.float32)
-            return x, (shown if self.keep_display else None)
+            return x, (shown if self.keep_display else None), meta
         x = np.asarray(arr, np.float32)
         if x.shape != (size, size, 3):
             raise ItemError(f"array input has shape {x.shape}; the model takes preprocessed ({size}, {size}, 3)")
-        return x, None
+        return x, None, meta
 
     def run(self):
         pool = futures.ThreadPoolExecutor(self.workers, thread_name_prefix="liftcam-decode")
@@ -285,14 +327,14 @@ class Reader(threading.Thread):
         def finish_one() -> bool:
             item, fut = pending.popleft()
             try:
-                x, shown = fut.result()
+                x, shown, meta = fut.result()
             except ItemError as e:
                 return self._emit(("fail", item, str(e)))
             except MemoryError:
                 return self._emit(("fail", item, "out of memory while decoding"))
             except Exception as e:  # any other failure of one input is that input's failure
                 return self._emit(("fail", item, f"{type(e).__name__}: {_one_line(e)}"))
-            buf.append((item, x, shown))
+            buf.append((item, x, shown, meta))
             if len(buf) == self.batch_size:
                 ok = self._emit(("batch", list(buf)))
                 buf.clear()
@@ -352,6 +394,9 @@ def run(
     cmap: str = "jet",
     data_dir: Optional[str] = None,
     download: bool = False,
+    image_key: Optional[str] = None,
+    label_key: Optional[str] = None,
+    label_map=None,
     run_info: Optional[dict] = None,
     stderr=None,
 ) -> Summary:
@@ -363,7 +408,9 @@ def run(
         sources from :func:`liftcam_jax.data.open_inputs`.
       out_dir: output folder (created).
       method: a registered method name (:func:`liftcam_jax.methods.names`).
-      target: ``None``/``"auto"`` (the predicted class) or one class index.
+      target: ``None``/``"auto"`` (the predicted class), ``"label"`` (each
+        image's dataset label, mapped to the model's classes by
+        :func:`liftcam_jax.data.label_mapping`) or one class index.
       batch_size: images per step, rounded up to a multiple of the devices.
       save: ``"both"``, ``"raw"`` (``.npz`` only) or ``"overlay"`` (``.png`` only).
       options: keyword options of the method.
@@ -376,7 +423,10 @@ def run(
       devices: the devices to shard over (default: ``jax.local_devices()``).
       process_index, process_count: this host's share (default: JAX's).
       alpha, cmap: overlay blending (:func:`liftcam_jax.viz.overlay`).
-      data_dir, download: for ``tfds:`` inputs.
+      data_dir, download, image_key, label_key: for ``tfds:`` inputs
+        (:func:`liftcam_jax.data.open_inputs`).
+      label_map: how dataset labels map to the model's classes (``None``:
+        WordNet ids or equal class names; ``"identity"``; a dict or JSON path).
       run_info: extra identity of the run stored in ``run.json`` (e.g. the weights).
 
     Returns:
@@ -407,19 +457,23 @@ def run(
     if isinstance(target, str):
         if target.strip().lower() == "auto":
             target = None
+        elif target.strip().lower() == "label":
+            target = "label"
         else:
             try:
                 target = int(target)
             except ValueError:
-                raise UsageError(f"bad target {target!r}; use 'auto' or a class index") from None
-    if target is not None:
+                raise UsageError(f"bad target {target!r}; use 'auto', 'label' or a class index") from None
+    if target is not None and target != "label":
         target = int(target)
         if not 0 <= target < classes:
             raise UsageError(f"target index {target} out of range for {classifier.name} ({classes} classes: 0..{classes - 1})")
 
     sources = list(inputs)
     if not sources or not all(isinstance(s, Source) for s in sources):
-        sources = open_inputs([os.fspath(s) for s in sources], data_dir=data_dir, download=download)
+        sources = open_inputs([os.fspath(s) for s in sources], data_dir=data_dir, download=download,
+                              image_key=image_key, label_key=label_key)
+    class_of = _label_classes(classifier, sources, classes, label_map, required=target == "label")
 
     out_dir = os.fspath(out_dir)
     try:
@@ -433,6 +487,8 @@ def run(
         "method": method,
         "target": "auto" if target is None else target,
         "options": {k: repr(v) for k, v in sorted(options.items())},
+        **({"label_map": label_map if isinstance(label_map, str) or label_map is None else repr(label_map)}
+           if target == "label" else {}),
         "input_size": size,
     }
     identity.update(run_info or {})
@@ -489,11 +545,15 @@ def run(
     manifest = _io.Manifest(manifest_path)
     reader = Reader(work, prep, bs, keep_display, workers, prefetch)
 
-    def fail(item: Item, msg: str):
+    source_of = {it.id: id(s) for s, its in work for it in its}
+
+    def fail(item: Item, msg: str, meta: Optional[Meta] = None):
+        fixed = isinstance(target, int)
         manifest.append({
             "id": item.id, "source": item.source, "status": "failed", "outputs": [], "error": msg,
-            "target": target, "target_name": None if target is None else classifier.class_name(target),
+            "target": target if fixed else None, "target_name": classifier.class_name(target) if fixed else None,
             "predicted": None, "predicted_name": None,
+            "label": None if meta is None else meta.label, "label_name": None if meta is None else meta.label_name,
         })
         summary.failed += 1
         bar.update(1)
@@ -503,16 +563,37 @@ def run(
         else:
             bar.write(line, file=err)
 
+    def label_target(item: Item, meta: Meta) -> Optional[int]:
+        """The model class of the item's dataset label, or ``None`` (the item failed) for ``target="label"``."""
+        mapping = class_of.get(source_of[item.id])
+        if meta.label is None or mapping is None:
+            fail(item, "no label to explain (target 'label')", meta)
+        elif not 0 <= meta.label < len(mapping) or mapping[meta.label] < 0:
+            fail(item, f"label {meta.label} ({meta.label_name}) has no class in {classifier.name} "
+                       "(give one in the label map)", meta)
+        else:
+            return int(mapping[meta.label])
+        return None
+
     def dispatch(entries, index):
+        if target == "label":
+            entries = [e for e in entries if label_target(e[0], e[3]) is not None]
+            if not entries:
+                return None
         x = np.zeros((bs, size, size, 3), np.float32)
-        for i, (_, xi, _) in enumerate(entries):
-            x[i] = xi
+        for i, e in enumerate(entries):
+            x[i] = e[1]
         xs = jax.device_put(x, data_sharding)
-        ts = None if target is None else jax.device_put(np.full((bs,), target, np.int32), data_sharding)
+        if target == "label":
+            t = np.zeros((bs,), np.int32)
+            t[: len(entries)] = [class_of[source_of[e[0].id]][e[3].label] for e in entries]
+            ts = jax.device_put(t, data_sharding)
+        else:
+            ts = None if target is None else jax.device_put(np.full((bs,), target, np.int32), data_sharding)
         key = None if base_key is None else jax.random.fold_in(base_key, index)
         return entries, step(params, xs, ts, key)
 
-    def write_one(rel, path, i, x, shown, tgt, pred, host):
+    def write_one(rel, path, i, x, shown, meta, tgt, pred, host):
         if rel.endswith(".npz"):
             _io.write_npz(
                 path,
@@ -524,6 +605,8 @@ def run(
                 predicted=np.int64(pred),
                 reference_logits=None if host.reference_logits is None
                 else np.asarray(host.reference_logits[i], np.float32),
+                label=None if meta.label is None else np.int64(meta.label),
+                label_name=None if meta.label_name is None else np.str_(meta.label_name),
             )
         else:
             base = shown if shown is not None else prep.denormalize(x)
@@ -531,14 +614,14 @@ def run(
 
     def write(entries, exp):
         host = jax.device_get(exp)
-        for i, (item, x, shown) in enumerate(entries):
+        for i, (item, x, shown, meta) in enumerate(entries):
             outputs = output_paths(item.id, save)
             tgt = int(host.targets[i])
             pred = int(np.argmax(host.logits[i]))
             for rel in outputs:
                 path = os.path.join(out_dir, rel)
                 try:
-                    write_one(rel, path, i, x, shown, tgt, pred, host)
+                    write_one(rel, path, i, x, shown, meta, tgt, pred, host)
                 except OSError as e:  # disk full, folder removed...: fatal, the rerun resumes
                     raise LiftcamError(
                         f"cannot write {path}: {e.strerror or e} (fix it and rerun the same command to resume)"
@@ -547,6 +630,7 @@ def run(
                 "id": item.id, "source": item.source, "status": "done", "outputs": outputs, "error": None,
                 "target": tgt, "target_name": classifier.class_name(tgt),
                 "predicted": pred, "predicted_name": classifier.class_name(pred),
+                "label": meta.label, "label_name": meta.label_name,
             })
             summary.done += 1
             bar.update(1)
@@ -562,6 +646,8 @@ def run(
                 fail(event[1], event[2])
             elif kind == "batch":
                 launched = dispatch(event[1], batches)
+                if launched is None:
+                    continue
                 batches += 1
                 if in_flight is not None:
                     write(*in_flight)

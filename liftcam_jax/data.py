@@ -51,10 +51,12 @@ from .errors import LiftcamError, UsageError
 
 __all__ = [
     "IMAGE_EXTENSIONS",
+    "Example",
     "Item",
     "ItemError",
     "Source",
     "decode_image",
+    "label_mapping",
     "open_inputs",
     "to_rgb",
     "array_to_rgb",
@@ -248,20 +250,37 @@ def decode_image(data, *, max_pixels: Optional[int] = -1) -> np.ndarray:
 # sources
 # ---------------------------------------------------------------------------
 
+@dataclasses.dataclass(frozen=True)
+class Example:
+    """What reading one item gives: its pixels and, where the source has them, annotations.
+
+    ``image``: uint8 RGB ``(H, W, 3)`` (kind ``image``) or the preprocessed float
+    array (kind ``array``); ``label``: the dataset's own label index (not a
+    model class: see :func:`label_mapping`); ``label_name``: its name;
+    ``boxes``: ``(n, 4)`` ``xmin, ymin, xmax, ymax`` in pixels of ``image``.
+    """
+
+    image: np.ndarray
+    label: Optional[int] = None
+    label_name: Optional[str] = None
+    boxes: Optional[np.ndarray] = None
+
+
 class Source:
     """A list of :class:`Item` and a way to read them.
 
     ``items`` is the full listing (cheap). ``read(items)`` yields
-    ``(item, load)`` in the order given, where ``load()`` returns the uint8
-    RGB image (kind ``image``) or the float array (kind ``array``) and may raise
-    :class:`ItemError`; ``load`` is called in a worker thread.
+    ``(item, fetch)`` for every item given (in that order unless the source
+    reads in its storage order), where ``fetch()`` returns an :class:`Example`
+    and may raise :class:`ItemError`; ``fetch`` is called in a worker thread.
+    ``load(item)`` returns just the pixels.
     """
 
     items: List[Item]
 
-    def read(self, items: Sequence[Item]) -> Iterator[Tuple[Item, Callable[[], np.ndarray]]]:
+    def read(self, items: Sequence[Item]) -> Iterator[Tuple[Item, Callable[[], Example]]]:
         for it in items:
-            yield it, (lambda it=it: self.load(it))
+            yield it, (lambda it=it: Example(self.load(it)))
 
     def load(self, item: Item) -> np.ndarray:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -295,19 +314,27 @@ class NpySource(Source):
 
 
 class TfdsSource(Source):
-    """A TFDS split: random access (array_record, no TensorFlow) or in order (tfrecord + TensorFlow).
+    """A TFDS split, read by example index in the split.
 
-    ``reader[(split, index)]`` reads one example (random access); or
-    ``iterate()`` yields ``((split, index), example)`` in order.
+    ``array_record`` splits are read by random access (``tfds.data_source``, no
+    TensorFlow); ``tfrecord`` splits in order with TensorFlow, each example's
+    index recovered from its ``tfds_id`` (shard file and position in it), so an
+    id is the example's own index in the split whatever the sharding and the
+    read order (see :func:`_tfrecord_examples`). ``read`` yields
+    :class:`Example` s: the image and, when the dataset has a ``ClassLabel``
+    feature, its label and label name; boxes from ``objects/bbox`` or ``bbox``.
     """
 
-    def __init__(self, spec: str, items: List[Item], reader=None, iterate=None, image_key: str = "image"):
+    def __init__(self, spec: str, items: List[Item], reader=None, iterate=None, image_key: str = "image",
+                 label_key: Optional[str] = None, label_names: Optional[Sequence[str]] = None):
         self.spec = spec
         self.items = items
         self._reader = reader
         self._iterate = iterate
         self._lock = threading.Lock()
         self.image_key = image_key
+        self.label_key = label_key
+        self.label_names = None if label_names is None else list(label_names)
         self.max_pixels = -1
 
     @property
@@ -338,24 +365,48 @@ class TfdsSource(Source):
             return decode_image(bytes(v.item()), max_pixels=self.max_pixels)
         return array_to_rgb(v)
 
+    def annotate(self, example) -> Example:
+        """A raw example -> :class:`Example` (image, label and its name, boxes in image pixels)."""
+        image = self.image(example)
+        label = name = None
+        if self.label_key is not None:
+            label = int(np.asarray(example[self.label_key]))
+            if self.label_names is not None and 0 <= label < len(self.label_names):
+                name = str(self.label_names[label])
+        boxes = None
+        objects = example.get("objects") if isinstance(example.get("objects"), dict) else None
+        raw = objects.get("bbox") if objects else example.get("bbox", example.get("bboxes"))
+        if raw is not None:  # TFDS BBoxFeature: (ymin, xmin, ymax, xmax) in [0, 1]
+            r = np.asarray(raw, np.float32).reshape(-1, 4)
+            h, w = image.shape[:2]
+            boxes = np.stack([r[:, 1] * w, r[:, 0] * h, r[:, 3] * w, r[:, 2] * h], -1)
+        return Example(image, label, name, boxes)
+
     def load(self, item: Item) -> np.ndarray:
         return self.image(self.example(item))
 
     def read(self, items):
         if self._iterate is None:
-            yield from super().read(items)
+            for it in items:
+                yield it, (lambda it=it: self.annotate(self.example(it)))
             return
         wanted = {it.ref: it for it in items}
-        remaining = len(wanted)
-        if not remaining:
-            return
-        for ref, example in self._iterate():
-            it = wanted.get(ref)
-            if it is not None:
-                yield it, (lambda ex=example: self.image(ex))
-                remaining -= 1
-                if not remaining:
-                    break
+        for split in dict.fromkeys(ref[0] for ref in wanted):
+            idx = [ref[1] for ref in wanted if ref[0] == split]
+            # only the examples between the first and the last wanted one are read
+            for ref, example in self._iterate(split, min(idx), max(idx) + 1):
+                it = wanted.pop(ref, None)
+                if it is not None:
+                    yield it, (lambda ex=example: self.annotate(ex))
+        for it in wanted.values():  # never silently missing: TFDS did not yield it
+            yield it, _raiser(ItemError(f"example {it.ref[1]} of split {it.ref[0]} was not found when reading "
+                                        f"{self.spec} in order"))
+
+
+def _raiser(e: BaseException):
+    def f():
+        raise e
+    return f
 
 
 def _one_line(e: BaseException) -> str:
@@ -420,13 +471,34 @@ def _npy_source(path: str, size_hint=None) -> NpySource:
 
 # -- TFDS --------------------------------------------------------------------
 
-def parse_tfds_spec(spec: str) -> Tuple[str, str]:
-    """``tfds:NAME[/CONFIG]:SPLIT`` -> ``(name, split)``."""
-    body = spec[len("tfds:"):]
-    name, sep, split = body.partition(":")
-    if not sep or not name or not split:
-        raise UsageError(f"bad TFDS input {spec!r}; expected tfds:NAME[/CONFIG]:SPLIT, e.g. tfds:imagenette:validation[:500]")
-    return name, split
+@dataclasses.dataclass(frozen=True)
+class TfdsSpec:
+    """A parsed ``tfds:NAME[/CONFIG][@VERSION]:SPLIT`` input."""
+
+    name: str  # NAME[/CONFIG]
+    version: Optional[str]
+    split: str
+
+    @property
+    def tfds_name(self) -> str:
+        """The name TFDS takes: ``NAME[/CONFIG][:VERSION]``."""
+        return self.name if self.version is None else f"{self.name}:{self.version}"
+
+
+_TFDS_SPEC = re.compile(r"^tfds:(?P<name>[\w.-]+(?:/[\w.-]+)?)(?:@(?P<version>[\w.*-]+))?:(?P<split>.+)$")
+
+
+def parse_tfds_spec(spec: str) -> TfdsSpec:
+    """``tfds:NAME[/CONFIG][@VERSION]:SPLIT`` -> :class:`TfdsSpec`.
+
+    Examples: ``tfds:imagenette:validation[:500]``,
+    ``tfds:imagenette/full-size-v2@1.0.0:validation[50%:]``.
+    """
+    m = _TFDS_SPEC.match(spec)
+    if m is None:
+        raise UsageError(f"bad TFDS input {spec!r}; expected tfds:NAME[/CONFIG][@VERSION]:SPLIT, "
+                         "e.g. tfds:imagenette:validation[:500] or tfds:imagenette/full-size-v2@1.0.0:validation")
+    return TfdsSpec(m["name"], m["version"], m["split"])
 
 
 def _tf_available() -> bool:
@@ -438,42 +510,110 @@ def _tf_available() -> bool:
         return False
 
 
-def _tfds_source(spec: str, data_dir: Optional[str], download: bool) -> TfdsSource:
-    name, split = parse_tfds_spec(spec)
+def _feature_key(features, kind, key: Optional[str], what: str, name: str, required: bool) -> Optional[str]:
+    """The top-level feature of type ``kind`` to read: ``key`` if given, else the only one.
+
+    ``"label"`` wins when there are several ``ClassLabel`` features and one is so named.
+    """
+    keys = list(features.keys())
+    of_kind = [k for k in keys if isinstance(features[k], kind)]
+    flag = "--image-key" if what == "image" else "--label-key"
+    if key is not None:
+        if key not in keys or not isinstance(features[key], kind):
+            raise UsageError(f"TFDS dataset {name!r} has no {what} feature {key!r}; its {what} features: "
+                             f"{', '.join(of_kind) or 'none'} (all features: {', '.join(keys)})")
+        return key
+    if len(of_kind) == 1:
+        return of_kind[0]
+    if what == "label" and "label" in of_kind:
+        return "label"
+    if not of_kind:
+        if required:
+            raise UsageError(f"TFDS dataset {name!r} has no {what} feature (features: {', '.join(keys)})")
+        return None
+    if not required:
+        return None
+    raise UsageError(f"TFDS dataset {name!r} has several {what} features ({', '.join(of_kind)}); "
+                     f"choose one with {flag} (Python: {what}_key=...)")
+
+
+def _shard_offsets(split_info) -> dict:
+    """Shard file name -> index in the split of its first example (shards are in split order)."""
+    names = [os.path.basename(os.fspath(f)) for f in split_info.filenames]
+    lengths = list(split_info.shard_lengths)
+    if len(names) != len(lengths):  # pragma: no cover - a damaged dataset_info.json
+        raise UsageError(f"TFDS split {split_info.name!r} lists {len(names)} files but {len(lengths)} shard lengths")
+    return dict(zip(names, np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(int).tolist()))
+
+
+def _tfrecord_examples(tfds, spec: TfdsSpec, builder, data_dir, decoders):
+    """``iterate(split, lo, hi)`` over a TFRecord split: ``((split, index), example)`` for ``lo <= index < hi``.
+
+    TFDS interleaves shard files (16 at a time, 16 examples per turn) unless told
+    otherwise, so the order ``tfds.load`` yields is *not* the split's order once a
+    split has several files. Files are read one after the other here
+    (``interleave_cycle_length=1``), and each example's index is not counted but
+    *derived* from its ``tfds_id`` (``<shard file>__<position in the file>``) and
+    the split's shard lengths: an example can never be given another's index.
+    """
+    import tensorflow as tf  # noqa: F401  (a clear ImportError here rather than deep in TFDS)
+
+    offsets = {s: _shard_offsets(info) for s, info in builder.info.splits.items()}
+    read_config = tfds.ReadConfig(interleave_cycle_length=1, add_tfds_id=True, try_autocache=False)
+
+    def iterate(split: str, lo: int, hi: int):
+        ds = builder.as_dataset(split=f"{split}[{lo}:{hi}]", shuffle_files=False, decoders=decoders,
+                                read_config=read_config)
+        for ex in tfds.as_numpy(ds):
+            file, _, pos = ex.pop("tfds_id").decode().rpartition("__")
+            yield (split, offsets[split][file] + int(pos)), ex
+
+    return iterate
+
+
+def _prepare_hint(spec: TfdsSpec, data_dir: Optional[str]) -> str:
+    dd = f", data_dir={data_dir!r}" if data_dir else ""
+    return (f"prepare it once with liftcam-jax's --download, or in Python: tfds.builder({spec.tfds_name!r}{dd}, "
+            f"file_format='array_record').download_and_prepare() (no TensorFlow needed); "
+            f"on Colab tfds.load({spec.tfds_name!r}{dd}) prepares TFRecord files, also read here")
+
+
+def _tfds_source(spec_text: str, data_dir: Optional[str], download: bool, image_key: Optional[str] = None,
+                 label_key: Optional[str] = None) -> TfdsSource:
+    spec = parse_tfds_spec(spec_text)
+    name = spec.name
     try:
         import tensorflow_datasets as tfds
     except ImportError as e:  # pragma: no cover - a dependency
-        raise UsageError(f"TFDS input {spec!r} needs tensorflow-datasets: {e}") from None
-    where = data_dir or "the default TFDS data dir"
+        raise UsageError(f"TFDS input {spec_text!r} needs tensorflow-datasets (pip install tensorflow-datasets): "
+                         f"{e}") from None
+    where = data_dir or "the default TFDS data dir (~/tensorflow_datasets)"
     try:
-        builder = tfds.builder(name, data_dir=data_dir)
+        builder = tfds.builder(spec.tfds_name, data_dir=data_dir)
     except Exception as e:
-        raise UsageError(f"TFDS dataset {name!r} not found in {where}: {_one_line(e)}") from None
+        raise UsageError(f"TFDS dataset {spec.tfds_name!r} not found in {where}: {_one_line(e)}") from None
     if not builder.is_prepared():
         if not download:
-            raise UsageError(
-                f"TFDS dataset {name!r} is not prepared in {where}; prepare it (tfds build {name} "
-                f"--file_format=array_record{' --data_dir ' + data_dir if data_dir else ''}) or pass --download"
-            )
+            raise UsageError(f"TFDS dataset {spec.tfds_name!r} is not prepared in {where}; "
+                             f"{_prepare_hint(spec, data_dir)}")
         try:
-            builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
+            builder = tfds.builder(spec.tfds_name, data_dir=data_dir, file_format="array_record")
             builder.download_and_prepare()
         except Exception as e:
-            raise UsageError(f"cannot download and prepare TFDS dataset {name!r}: {_one_line(e)}") from None
+            raise UsageError(f"cannot download and prepare TFDS dataset {spec.tfds_name!r}: {_one_line(e)}") from None
     splits = builder.info.splits
     try:
-        instructions = tfds.core.ReadInstruction.from_spec(split).to_absolute(splits)
+        instructions = tfds.core.ReadInstruction.from_spec(spec.split).to_absolute(splits)
     except Exception as e:
         raise UsageError(
-            f"bad split {split!r} for TFDS dataset {name!r} ({_one_line(e)}); splits: {', '.join(sorted(splits))}"
+            f"bad split {spec.split!r} for TFDS dataset {name!r} ({_one_line(e)}); splits: {', '.join(sorted(splits))}"
         ) from None
     features = builder.info.features
-    image_key = "image"
-    if image_key not in getattr(features, "keys", lambda: ())():
-        raise UsageError(f"TFDS dataset {name!r} has no 'image' feature (features: {', '.join(features.keys())})")
-    decoders = None
-    if isinstance(features[image_key], tfds.features.Image):
-        decoders = {image_key: tfds.decode.SkipDecoding()}
+    image_key = _feature_key(features, tfds.features.Image, image_key, "image", name, required=True)
+    label_key = _feature_key(features, tfds.features.ClassLabel, label_key, "label", name, required=False)
+    label_names = None if label_key is None else list(features[label_key].names)
+    decoders = {image_key: tfds.decode.SkipDecoding()}
+    at = "" if spec.version is None else f"@{spec.version}"
     items: List[Item] = []
     for ins in instructions:
         n = splits[ins.splitname].num_examples
@@ -482,13 +622,16 @@ def _tfds_source(spec: str, data_dir: Optional[str], download: bool) -> TfdsSour
         width = max(5, len(str(max(n - 1, 0))))
         for i in range(lo, hi):
             ident = f"{name}/{ins.splitname}/{i:0{width}d}"
-            items.append(Item(ident, f"tfds:{name}:{ins.splitname}[{i}]", "image", ref=(ins.splitname, i)))
-    fmt = str(getattr(builder.info, "file_format", "") or "")
+            items.append(Item(ident, f"tfds:{name}{at}:{ins.splitname}[{i}]", "image", ref=(ins.splitname, i)))
+    formats = [builder.info.file_format] + list(getattr(builder.info, "alternative_file_formats", None) or [])
+    formats = [getattr(f, "value", f) for f in formats if f is not None]
     split_names = list(dict.fromkeys(ins.splitname for ins in instructions))
-    if "array_record" in fmt.lower():
+    keys = dict(image_key=image_key, label_key=label_key, label_names=label_names)
+    if "array_record" in formats:
         try:
             readers = {
-                s: tfds.data_source(name, split=s, data_dir=data_dir, decoders=decoders) for s in split_names
+                s: tfds.data_source(spec.tfds_name, split=s, data_dir=data_dir, decoders=decoders)
+                for s in split_names
             }
         except Exception as e:
             raise UsageError(f"cannot open TFDS dataset {name!r} in {where}: {_one_line(e)}") from None
@@ -497,20 +640,36 @@ def _tfds_source(spec: str, data_dir: Optional[str], download: bool) -> TfdsSour
             def __getitem__(self, ref):
                 return readers[ref[0]][ref[1]]
 
-        return TfdsSource(spec, items, reader=_Reader(), image_key=image_key)
+        return TfdsSource(spec_text, items, reader=_Reader(), **keys)
     if not _tf_available():
+        dd = data_dir or "~/tensorflow_datasets"
         raise UsageError(
-            f"TFDS dataset {name!r} is prepared as {fmt or 'tfrecord'}, which needs TensorFlow to read; "
-            f"install tensorflow, or prepare it as array_record (tfds build {name} --file_format=array_record)"
+            f"TFDS dataset {spec.tfds_name!r} in {where} is stored as {', '.join(formats) or 'tfrecord'}, "
+            f"which needs TensorFlow to read: pip install tensorflow-cpu; or, where TensorFlow is installed, "
+            f"convert it once to array_record (then read without it): "
+            f"python -c \"import liftcam_jax.data as d; d.tfds_to_array_record({spec.tfds_name!r}, {dd!r})\""
         )
+    return TfdsSource(spec_text, items, iterate=_tfrecord_examples(tfds, spec, builder, data_dir, decoders), **keys)
 
-    def iterate():  # pragma: no cover - needs TensorFlow
-        for s in split_names:
-            ds = tfds.load(name, split=s, data_dir=data_dir, download=False, shuffle_files=False, decoders=decoders)
-            for i, ex in enumerate(tfds.as_numpy(ds)):
-                yield (s, i), ex
 
-    return TfdsSource(spec, items, iterate=iterate, image_key=image_key)
+def tfds_to_array_record(name: str, data_dir: Optional[str] = None) -> str:
+    """Add array_record files to a TFDS dataset prepared as TFRecord (needs TensorFlow, once).
+
+    ``name`` is ``NAME[/CONFIG][:VERSION]``. The array_record shards are written
+    beside the TFRecord ones and recorded in ``dataset_info.json``, so the
+    dataset is then read by random access without TensorFlow. Returns the
+    dataset's folder.
+    """
+    import tensorflow_datasets as tfds
+    from tensorflow_datasets.scripts.cli import convert_format_utils
+
+    builder = tfds.builder(name, data_dir=data_dir)
+    if not builder.is_prepared():
+        raise UsageError(f"TFDS dataset {name!r} is not prepared in {data_dir or 'the default TFDS data dir'}")
+    folder = os.fspath(builder.data_dir)
+    convert_format_utils.convert_dataset(out_dir=None, out_file_format="array_record",
+                                         dataset_version_dir=folder, num_workers=1)
+    return folder
 
 
 # ---------------------------------------------------------------------------
@@ -523,8 +682,14 @@ def open_inputs(
     data_dir: Optional[str] = None,
     download: bool = False,
     max_pixels: Optional[int] = -1,
+    image_key: Optional[str] = None,
+    label_key: Optional[str] = None,
 ) -> List[Source]:
     """List the inputs (files, folders, ``.npy``, ``tfds:...``) as sources with unique item ids.
+
+    ``image_key``/``label_key``: the TFDS features holding the image and the
+    label (default: the only ``Image`` feature, an error listing them when
+    there are several; the only ``ClassLabel`` feature, or ``label``).
 
     Raises :class:`UsageError` (before any work) for a path that does not
     exist, a folder without images, a missing TFDS dataset or split, or when
@@ -546,7 +711,7 @@ def open_inputs(
         spec = os.fspath(spec)
         if spec.startswith("tfds:"):
             flush_files()
-            src = _tfds_source(spec, data_dir, download)
+            src = _tfds_source(spec, data_dir, download, image_key, label_key)
             src.max_pixels = max_pixels
             sources.append(src)
             continue
@@ -603,6 +768,63 @@ def _make_ids_unique(sources: Sequence[Source]) -> None:
 
 def _hash_key(item: Item) -> str:
     return item.source if item.source.startswith("tfds:") else os.path.abspath(item.source)
+
+
+_WNID = re.compile(r"^n\d{8}$")
+
+
+def label_mapping(label_names: Sequence[str], num_classes: int, *, class_ids: Optional[Sequence[str]] = None,
+                  class_names: Optional[Sequence[str]] = None, label_map=None,
+                  dataset: str = "the dataset") -> np.ndarray:
+    """Dataset label index -> the model's class index (``-1``: the label has no class in the model).
+
+    A dataset's labels are its own numbering, never silently a model's:
+
+    * ``label_map=None`` (auto): label names that are WordNet ids
+      (``n01440764``: imagenette, imagenet2012, imagenet_v2, ...) are looked up
+      in the model's ``class_ids``; names equal to the model's ``class_names``
+      in order map to the same index; anything else is a :class:`UsageError`.
+    * ``"identity"``: label ``i`` is class ``i`` (a model trained on the dataset).
+    * a dict, or the path of a JSON object: ``{label name or index: class index}``;
+      labels it leaves out map to ``-1``.
+    """
+    names = [str(n) for n in label_names]
+    out = np.full((len(names),), -1, np.int64)
+    if label_map is None or label_map == "auto":
+        if class_ids is not None and names and all(_WNID.match(n) for n in names):
+            where = {c: i for i, c in enumerate(class_ids)}
+            return np.asarray([where.get(n, -1) for n in names], np.int64)
+        if class_names is not None and list(map(str, class_names)) == names:
+            return np.arange(len(names), dtype=np.int64)
+        shown = ", ".join(repr(n) for n in names[:3]) + (", ..." if len(names) > 3 else "")
+        raise UsageError(
+            f"the labels of {dataset} ({shown}) are not ImageNet WordNet ids nor the model's class names, so they "
+            "cannot be mapped to its classes: pass --label-map identity if label i is the model's class i, or "
+            "--label-map FILE.json ({\"label name\": class index, ...}) (Python: label_map=...)")
+    if label_map == "identity":
+        idx = np.arange(len(names), dtype=np.int64)
+        return np.where(idx < num_classes, idx, -1)
+    if isinstance(label_map, (str, os.PathLike)):
+        import json
+
+        try:
+            with open(label_map, encoding="utf-8") as f:
+                label_map = json.load(f)
+        except (OSError, ValueError) as e:
+            raise UsageError(f"cannot read the label map {os.fspath(label_map)!r} (a JSON object "
+                             f"{{\"label name\": class index}} or 'identity'): {_one_line(e)}") from None
+    if not isinstance(label_map, dict):
+        raise UsageError(f"a label map is 'identity', a dict or a JSON file, not {type(label_map).__name__}")
+    for key, cls in label_map.items():
+        key = str(key)
+        i = names.index(key) if key in names else (int(key) if key.isdigit() and int(key) < len(names) else None)
+        if i is None:
+            raise UsageError(f"label map: {key!r} is not a label of {dataset} (labels: {', '.join(names[:5])}"
+                             f"{', ...' if len(names) > 5 else ''})")
+        if not isinstance(cls, int) or not 0 <= cls < num_classes:
+            raise UsageError(f"label map: class {cls!r} for label {key!r} is not a class index 0..{num_classes - 1}")
+        out[i] = cls
+    return out
 
 
 def all_items(sources: Sequence[Source]) -> List[Item]:

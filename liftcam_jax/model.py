@@ -101,6 +101,7 @@ class Classifier:
     layer: str
     class_names: Optional[Sequence[str]] = None
     layers: Sequence[str] = ()
+    class_ids: Optional[Sequence[str]] = None  # e.g. ImageNet WordNet ids, to map dataset labels by name
 
     @property
     def features(self):

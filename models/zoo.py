@@ -82,6 +82,12 @@ def class_names() -> List[str]:
     return json.loads((DATA / "imagenet_classes.json").read_text())
 
 
+@functools.lru_cache(maxsize=None)
+def class_ids() -> List[str]:
+    """The 1000 ImageNet WordNet ids (``n01440764`` ...), in index order (sorted)."""
+    return json.loads((DATA / "imagenet_wnids.json").read_text())
+
+
 def sample_images() -> List[Path]:
     """The bundled photos (see ``models/data/PROVENANCE.md``)."""
     return sorted((DATA / "images").glob("*.jpg"))
@@ -213,5 +219,6 @@ def load(name: str, weights=None, layer: str | None = None) -> Classifier:
         preprocess=model.preprocess,
         layer=model.default_layer if layer is None else layer,
         class_names=class_names() if model.num_classes == 1000 else None,
+        class_ids=class_ids() if model.num_classes == 1000 else None,
         layers=model.layers,
     )

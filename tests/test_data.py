@@ -314,10 +314,11 @@ def test_tfds_array_record_without_tensorflow(tfds_dir):
     assert [it.source for it in src.items] == [f"tfds:liftcam_tiny_images:train[{i}]" for i in (2, 3, 4)]
     # the same examples as reading the whole split at those indices
     full = tfds.data_source("liftcam_tiny_images", split="train", data_dir=tfds_dir)
-    for it, load in src.read(src.items):
-        img = load()
+    for it, fetch in src.read(src.items):
+        got = fetch()
         ex = full[it.ref[1]]
-        np.testing.assert_array_equal(img, _tfds_image(int(ex["label"])))
+        np.testing.assert_array_equal(got.image, _tfds_image(int(ex["label"])))
+        assert got.label == int(ex["label"]) and got.label_name == str(int(ex["label"]))
 
 
 def test_tfds_percent_slices_and_whole_split(tfds_dir):

@@ -277,15 +277,20 @@ class EvaluateTinyBoxes(tfds.core.GeneratorBasedBuilder):
         for i in range(3):
             img = rng.integers(0, 256, (40, 30 + 4 * i, 3), dtype=np.uint8)
             yield i, {"image": _png(img), "label": 2 * i,
-                      "objects": {"bbox": [tfds.features.BBox(0.1, 0.2, 0.5, 0.6)] * (i + 1)}}
+                      "objects": {"bbox": [tfds.features.BBox(0.1, 0.15 * j, 0.5, 0.15 * j + 0.3)
+                                           for j in range(i + 1)]}}
 
 
 def test_tfds_split_with_labels_and_boxes(tmp_path, capsys):
     tdir = tmp_path / "tfds"
     EvaluateTinyBoxes(data_dir=str(tdir), file_format="array_record").download_and_prepare()
     out = tmp_path / "o"
-    rc, err = cli(["--data", "tfds:evaluate_tiny_boxes:train", "--data-dir", tdir, "--model", "tiny",
-                   "--methods", "lift-cam", "--metrics", "epg,pointing", "--out", out, "--quiet"], capsys)
+    args = ["--data", "tfds:evaluate_tiny_boxes:train", "--data-dir", tdir, "--model", "tiny",
+            "--methods", "lift-cam", "--metrics", "epg,pointing", "--out", out, "--quiet"]
+    # labels '0', '1', ... are neither WordNet ids nor the model's class names: never reused silently
+    rc, err = cli(args, capsys)
+    assert rc == 2 and "--label-map identity" in err and len(err.strip().splitlines()[-1]) < 400
+    rc, err = cli(args + ["--label-map", "identity"], capsys)
     assert rc == 0, err
     recs = [json.loads(x) for x in log_lines(out)]
     assert sorted(r["label"] for r in recs) == [0, 2, 4]
@@ -298,6 +303,8 @@ def test_tfds_split_with_labels_and_boxes(tmp_path, capsys):
         h, w = img.shape[:2]
         x = jnp.asarray(clf.preprocess(img))[None]
         exp = explain(clf.split, clf.params, x, jnp.asarray([r["label"]]), method="lift-cam")
-        box = metrics.boxes_to_input(np.array([[0.2 * w, 0.1 * h, 0.6 * w, 0.5 * h]]), (h, w), clf.preprocess)
-        want = metrics.energy_pointing_game(exp.maps, jnp.asarray(box)[None], jnp.ones((1, 1), bool))
+        # every box of the image (idx + 1 of them, all different) counts
+        box = metrics.boxes_to_input(np.array([[0.15 * j * w, 0.1 * h, (0.15 * j + 0.3) * w, 0.5 * h]
+                                               for j in range(idx + 1)]), (h, w), clf.preprocess)
+        want = metrics.energy_pointing_game(exp.maps, jnp.asarray(box)[None], jnp.ones((1, idx + 1), bool))
         np.testing.assert_allclose(r["metrics"]["epg"], want[0], rtol=1e-5)

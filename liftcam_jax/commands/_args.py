@@ -1,4 +1,4 @@
-"""Arguments shared by the subcommands: the model triple and positive integers."""
+"""Arguments shared by the subcommands: the model triple, TFDS features and positive integers."""
 from __future__ import annotations
 
 import argparse
@@ -26,3 +26,15 @@ def add_model_arguments(parser, *, model_default=None, weights_default=None, wei
         help=weights_help or "checkpoint path, or 'random' (default: the model's pretrained weights)",
     )
     parser.add_argument("--layer", default=None, help="where to split the model (default: the model's default layer)")
+
+
+def add_tfds_arguments(parser) -> None:
+    """``--image-key``, ``--label-key`` and ``--label-map`` for TFDS inputs."""
+    parser.add_argument("--image-key", default=None,
+                        help="TFDS image feature (default: the dataset's only Image feature)")
+    parser.add_argument("--label-key", default=None,
+                        help="TFDS label feature (default: the only ClassLabel feature, or 'label')")
+    parser.add_argument("--label-map", default=None,
+                        help="how dataset labels map to the model's classes: 'identity' (label i is class i) or a "
+                             "JSON file {\"label name\": class index}; default: by WordNet id (n01440764...) or "
+                             "equal class names, else an error")

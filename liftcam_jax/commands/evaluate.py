@@ -6,8 +6,10 @@ boxes.csv (file,xmin,ymin,xmax,ymax; several rows per file allowed; pixel
 coordinates of the stored image, mapped to the model input through its
 preprocessing: squash, or shorter-side resize + centre crop, where boxes
 outside the crop drop out) for the localisation metrics; or a TFDS split
-tfds:NAME[/CONFIG]:SPLIT prepared as array_record (labels from the 'label'
-feature; boxes from an 'objects/bbox' or 'bbox' feature when there is one).
+tfds:NAME[/CONFIG][@VERSION]:SPLIT, array_record or TFRecord (labels from its
+ClassLabel feature, mapped to the model's classes by WordNet id, as imagenette's
+and imagenet2012's are, or by --label-map; boxes from an 'objects/bbox' or
+'bbox' feature when there is one).
 
 Metrics (--metrics, comma-separated or 'all'); definitions in liftcam_jax.metrics:
   ad         Average Drop %, lower is better (Chattopadhay et al., WACV 2018)
@@ -45,7 +47,7 @@ from .. import io as _io
 from .. import methods as _methods
 from .. import metrics as M
 from ..errors import UsageError
-from ._args import add_model_arguments, positive_int
+from ._args import add_model_arguments, add_tfds_arguments, positive_int
 
 # metric group -> (columns it produces)
 METRICS = {
@@ -109,6 +111,7 @@ def add_arguments(parser):
     g = parser.add_argument_group("outputs")
     g.add_argument("--grid", type=int, default=4, help="images in the qualitative grid (0: none; default 4)")
     g.add_argument("--data-dir", default=None, help="TFDS data dir (default: TFDS's)")
+    add_tfds_arguments(g)
     g.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
 
 
@@ -211,43 +214,18 @@ def read_folder(folder: str) -> List[Labelled]:
     return out
 
 
-class _TfdsLabelled:
-    """A TFDS source whose ``load`` returns ``(image, label, boxes)`` (array_record splits only)."""
+def read_tfds(spec: str, data_dir: Optional[str], image_key: Optional[str] = None,
+              label_key: Optional[str] = None) -> List[Labelled]:
+    """A TFDS split (array_record or TFRecord) -> labelled items; labels come with each example.
 
-    def __init__(self, inner):
-        self.inner = inner
-        self.items = inner.items
-        if not getattr(inner, "random_access", False):
-            raise UsageError(f"evaluate reads TFDS splits prepared as array_record (random access); "
-                             f"{inner.spec} is not (tfds build NAME --file_format=array_record)")
-
-    def read(self, items):
-        for it in items:
-            yield it, (lambda it=it: self.load(it))
-
-    def load(self, item):
-        from ..data import ItemError
-
-        ex = self.inner.example(item)
-        image = self.inner.image(ex)
-        if "label" not in ex:
-            raise ItemError(f"{item.source} has no 'label' feature")
-        label = int(np.asarray(ex["label"]))
-        bbox = None
-        objects = ex.get("objects") if isinstance(ex.get("objects"), dict) else None
-        raw = objects.get("bbox") if objects else ex.get("bbox", ex.get("bboxes"))
-        if raw is not None:  # TFDS BBoxFeature: (ymin, xmin, ymax, xmax) in [0, 1]
-            r = np.asarray(raw, np.float32).reshape(-1, 4)
-            h, w = image.shape[:2]
-            bbox = np.stack([r[:, 1] * w, r[:, 0] * h, r[:, 3] * w, r[:, 2] * h], -1)
-        return image, label, bbox
-
-
-def read_tfds(spec: str, data_dir: Optional[str]) -> List[Labelled]:
+    The dataset needs a ``ClassLabel`` feature; its labels are mapped to the
+    model's classes by :func:`liftcam_jax.data.label_mapping` (see :func:`run`).
+    """
     from ..data import open_inputs
 
-    (inner,) = open_inputs([spec], data_dir=data_dir)
-    src = _TfdsLabelled(inner)
+    (src,) = open_inputs([spec], data_dir=data_dir, image_key=image_key, label_key=label_key)
+    if src.label_key is None:
+        raise UsageError(f"{spec} has no ClassLabel feature to evaluate against; name one with --label-key")
     return [Labelled(it, -1, None, src) for it in src.items]
 
 
@@ -258,24 +236,6 @@ def read_tfds(spec: str, data_dir: Optional[str]) -> List[Labelled]:
 def _num(v):
     v = float(v)
     return v if math.isfinite(v) else None
-
-
-def _reader_class():
-    from ..batch import Reader
-
-    class EvalReader(Reader):
-        """The batch pipeline's reader, keeping the stored size and TFDS labels/boxes of each image."""
-
-        def _prepare(self, item, load):
-            out = load()
-            meta = None
-            if isinstance(out, tuple):
-                out, meta = out[0], out[1:]
-            shown = self.prep.resize_image(out)
-            x = np.asarray(self.prep.normalize(shown), np.float32)
-            return x, (shown, out.shape[:2], meta)
-
-    return EvalReader
 
 
 def check_cam_applies(classifier) -> Optional[str]:
@@ -421,13 +381,24 @@ def run(args, zoo) -> int:
 
     data = args.data
     if str(data).startswith("tfds:"):
-        labelled = read_tfds(data, args.data_dir)
+        labelled = read_tfds(data, args.data_dir, args.image_key, args.label_key)
     else:
+        if args.label_map is not None:
+            raise UsageError("--label-map applies to TFDS data; labels.csv gives ImageNet indices (imagenet_index)")
         labelled = read_folder(data)
     if args.limit is not None:
         labelled = labelled[: args.limit]
 
     classifier = zoo.load(args.model, weights=args.weights, layer=args.layer)
+    label_classes = None
+    if str(data).startswith("tfds:"):
+        from ..batch import _num_classes
+        from ..data import label_mapping
+
+        src = labelled[0].source
+        label_classes = label_mapping(src.label_names, _num_classes(classifier, int(classifier.preprocess.size)),
+                                      class_ids=classifier.class_ids, class_names=classifier.class_names,
+                                      label_map=args.label_map, dataset=data)
     notes = []
     if "cam" in methods:
         why = check_cam_applies(classifier)
@@ -449,6 +420,7 @@ def run(args, zoo) -> int:
         "weights": args.weights or "default",
         "layer": classifier.layer,
         "target": args.target,
+        "label_map": args.label_map,
         "seed": args.seed,
         "step": args.step if (args.step or args.num_steps) else M.RISE_STEP,
         "num_steps": args.num_steps,
@@ -487,7 +459,8 @@ def run(args, zoo) -> int:
     grid_ids = {lab.item.id for lab in labelled[:n_grid]}
     summary = {"done": 0, "failed": 0, "skipped": len(labelled) - len(todo)}
     if todo:
-        _evaluate(classifier, cfg, metrics, methods, todo, log, previous, grid_ids, out, args, summary)
+        _evaluate(classifier, cfg, metrics, methods, todo, log, previous, grid_ids, out, args, summary,
+                  label_classes)
     log.close()
     seconds = time.perf_counter() - t_start
     results = aggregate(out, labelled, methods, wanted_cols, cfg, notes)
@@ -499,7 +472,8 @@ def run(args, zoo) -> int:
     return 1 if summary["failed"] else 0
 
 
-def _evaluate(classifier, cfg, metrics, methods, todo, log, previous, grid_ids, out, args, summary):
+def _evaluate(classifier, cfg, metrics, methods, todo, log, previous, grid_ids, out, args, summary,
+              label_classes=None):
     import jax
     import jax.numpy as jnp
     from tqdm import tqdm
@@ -516,40 +490,50 @@ def _evaluate(classifier, cfg, metrics, methods, todo, log, previous, grid_ids, 
     for lab, _ in todo:
         sources.setdefault(id(lab.source), (lab.source, []))[1].append(lab.item)
     work = list(sources.values())
-    reader = _reader_class()(work, prep, bs, True, max(1, min(4, os.cpu_count() or 1)), 2)
+    from ..batch import Reader
+
+    reader = Reader(work, prep, bs, True, max(1, min(4, os.cpu_count() or 1)), 2)
     bar = tqdm(total=len(todo), unit="img", desc="evaluate", file=sys.stderr, disable=args.quiet,
                dynamic_ncols=True, smoothing=0.1)
 
     def fail(item, msg):
-        log.append({"id": item.id, "status": "failed", "error": msg, "source": item.source})
+        log.append({"id": item.id, "status": "failed", "error": msg, "source": item.source})  # no method: not done
         summary["failed"] += 1
         bar.update(1)
         bar.write(f"liftcam-jax: failed: {item.source}: {msg}", file=sys.stderr)
 
     def do_batch(entries):
         good = []
-        for item, x, (shown, stored, meta) in entries:
+        for item, x, shown, meta in entries:
             lab, ms = by_id[item.id]
             label, boxes = lab.label, lab.boxes
-            if meta is not None:
-                label, boxes = meta[0], meta[1]
+            if label_classes is not None:  # a TFDS label: the dataset's numbering, mapped to the model's
+                boxes = meta.boxes
+                if meta.label is None or not 0 <= meta.label < len(label_classes) or label_classes[meta.label] < 0:
+                    fail(item, f"dataset label {meta.label} ({meta.label_name}) has no class in {classifier.name} "
+                               "(give one with --label-map)")
+                    continue
+                label = int(label_classes[meta.label])
             if not 0 <= label < classes:
                 fail(item, f"label {label} out of range for {classifier.name} ({classes} classes)")
                 continue
-            good.append((item, x, shown, stored, label, boxes, ms))
+            good.append((item, x, shown, meta, label, boxes, ms))
         if not good:
             return
         n = len(good)
         x = np.zeros((bs, size, size, 3), np.float32)
         labels = np.zeros((bs,), np.int32)
-        box_arr = np.zeros((bs, max_boxes, 4), np.float32)
-        valid = np.zeros((bs, max_boxes), bool)
+        # every box of every image (TFDS boxes arrive with the images): a power of two bounds recompiles
+        n_boxes = max([max_boxes] + [len(g[5]) for g in good if g[5] is not None])
+        n_boxes = 1 << (n_boxes - 1).bit_length()
+        box_arr = np.zeros((bs, n_boxes, 4), np.float32)
+        valid = np.zeros((bs, n_boxes), bool)
         have_boxes = False
-        for i, (item, xi, shown, stored, label, boxes, _) in enumerate(good):
+        for i, (item, xi, shown, meta, label, boxes, _) in enumerate(good):
             x[i], labels[i] = xi, label
             if boxes is not None:
                 have_boxes = True
-                b = M.boxes_to_input(boxes, stored, prep)[:max_boxes]
+                b = M.boxes_to_input(boxes, meta.size, prep)
                 box_arr[i, : len(b)] = b
                 valid[i, : len(b)] = True
         xj = jnp.asarray(x)
@@ -567,7 +551,7 @@ def _evaluate(classifier, cfg, metrics, methods, todo, log, previous, grid_ids, 
         per_method = {}
         for m in needed:
             per_method[m] = ev.run_method(m, xj, tj, bj, vj, shap_v)
-        for i, (item, xi, shown, stored, label, boxes, ms) in enumerate(good):
+        for i, (item, xi, shown, meta, label, boxes, ms) in enumerate(good):
             if item.id in grid_ids:
                 _io.write_png(os.path.join(out, "grid", "images", item.id + ".png"), np.asarray(shown))
             for m in ms:
@@ -584,6 +568,7 @@ def _evaluate(classifier, cfg, metrics, methods, todo, log, previous, grid_ids, 
                 rec = {
                     "id": f"{item.id}|{m}", "item": item.id, "method": m, "status": "done",
                     "source": item.source, "label": int(label), "target": int(targets[i]),
+                    "dataset_label": meta.label, "label_name": meta.label_name,
                     "predicted": int(preds[i]), "target_prob": _num(probs[i, targets[i]]),
                     "explain_s": seconds / bs, "metrics": rec_metrics, "curves": rec_curves,
                     "computed": computed,

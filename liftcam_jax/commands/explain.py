@@ -6,8 +6,11 @@ and/or a PNG overlay into --out, and a manifest.jsonl with one line per input
 skips finished inputs and completes the rest.
 
 Inputs: image files; folders (recursive); .npy float arrays (N, H, W, 3)
-already preprocessed for the model; TFDS splits tfds:NAME[/CONFIG]:SPLIT
-(e.g. tfds:imagenette:validation[:500]) from a local data dir.
+already preprocessed for the model; TFDS splits tfds:NAME[/CONFIG][@VERSION]:SPLIT
+(e.g. tfds:imagenette:validation[:500]) from a local data dir, array_record
+(no TensorFlow needed) or TFRecord (needs TensorFlow). Ids are the examples'
+indices in the split; their labels and label names are recorded, and
+--target label explains each image's labelled class.
 
 The batch is split over all local devices (rounded up to a multiple of their
 number). Exit status: 0 when every input was explained, 1 when some failed
@@ -20,26 +23,28 @@ import argparse
 
 from .. import methods as _methods
 from ..errors import UsageError
-from ._args import add_model_arguments, positive_int
+from ._args import add_model_arguments, add_tfds_arguments, positive_int
 
 
 def _target(text: str):
-    if text.strip().lower() == "auto":
-        return None
+    if text.strip().lower() in ("auto", "label"):
+        return None if text.strip().lower() == "auto" else "label"
     try:
         return int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"bad target {text!r}; use 'auto' or a class index") from None
+        raise argparse.ArgumentTypeError(f"bad target {text!r}; use 'auto', 'label' or a class index") from None
 
 
 def add_arguments(parser):
     parser.add_argument("inputs", nargs="+", metavar="INPUT",
-                        help="image files, folders, .npy arrays (N, H, W, 3) preprocessed, or tfds:NAME[/CONFIG]:SPLIT")
+                        help="image files, folders, .npy arrays (N, H, W, 3) preprocessed, or "
+                             "tfds:NAME[/CONFIG][@VERSION]:SPLIT")
     add_model_arguments(parser)
     parser.add_argument("--method", default="lift-cam",
                         help="explanation method (default lift-cam); one of: " + ", ".join(_methods.names()))
     parser.add_argument("--target", type=_target, default=None,
-                        help="'auto' (the predicted class, default) or a class index")
+                        help="'auto' (the predicted class, default), 'label' (each input's dataset label, "
+                             "mapped to the model's classes: see --label-map) or a class index")
     parser.add_argument("--batch-size", type=positive_int, default=32,
                         help="images per step, rounded up to a multiple of the device count (default 32)")
     parser.add_argument("--save", choices=("overlay", "raw", "both"), default="both",
@@ -48,6 +53,7 @@ def add_arguments(parser):
     parser.add_argument("--limit", type=positive_int, default=None, help="explain only the first N inputs")
     parser.add_argument("--data-dir", default=None, help="TFDS data dir (default: TFDS's)")
     parser.add_argument("--download", action="store_true", help="let TFDS download and prepare a missing dataset")
+    add_tfds_arguments(parser)
     parser.add_argument("--workers", type=positive_int, default=None, help="image decoding threads (default up to 4)")
     parser.add_argument("--alpha", type=float, default=0.5, help="heat-map weight in the overlays (default 0.5)")
     parser.add_argument("--cmap", default="jet", help="overlay colormap: jet, hot or gray (default jet)")
@@ -89,6 +95,9 @@ def run(args, zoo) -> int:
         seed=args.seed,
         data_dir=args.data_dir,
         download=args.download,
+        image_key=args.image_key,
+        label_key=args.label_key,
+        label_map=args.label_map,
         run_info={"weights": args.weights or "default"},
     )
     return 1 if summary.failed else 0
