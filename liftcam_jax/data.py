@@ -601,6 +601,10 @@ def _tfds_source(spec_text: str, data_dir: Optional[str], download: bool, image_
             builder.download_and_prepare()
         except Exception as e:
             raise UsageError(f"cannot download and prepare TFDS dataset {spec.tfds_name!r}: {_one_line(e)}") from None
+    try:  # what is on disk (a registered builder's code ignores formats added later, e.g. by tfds_to_array_record)
+        builder = tfds.builder_from_directory(os.fspath(builder.data_dir))
+    except Exception:  # pragma: no cover - an older layout: the registered builder's view
+        pass
     splits = builder.info.splits
     try:
         instructions = tfds.core.ReadInstruction.from_spec(spec.split).to_absolute(splits)
@@ -629,10 +633,7 @@ def _tfds_source(spec_text: str, data_dir: Optional[str], download: bool, image_
     keys = dict(image_key=image_key, label_key=label_key, label_names=label_names)
     if "array_record" in formats:
         try:
-            readers = {
-                s: tfds.data_source(spec.tfds_name, split=s, data_dir=data_dir, decoders=decoders)
-                for s in split_names
-            }
+            readers = {s: builder.as_data_source(split=s, decoders=decoders) for s in split_names}
         except Exception as e:
             raise UsageError(f"cannot open TFDS dataset {name!r} in {where}: {_one_line(e)}") from None
 
@@ -653,22 +654,52 @@ def _tfds_source(spec_text: str, data_dir: Optional[str], download: bool, image_
 
 
 def tfds_to_array_record(name: str, data_dir: Optional[str] = None) -> str:
-    """Add array_record files to a TFDS dataset prepared as TFRecord (needs TensorFlow, once).
+    """Add array_record shards to a TFDS dataset prepared as TFRecord (needs TensorFlow, once).
 
-    ``name`` is ``NAME[/CONFIG][:VERSION]``. The array_record shards are written
-    beside the TFRecord ones and recorded in ``dataset_info.json``, so the
-    dataset is then read by random access without TensorFlow. Returns the
-    dataset's folder.
+    ``name`` is ``NAME[/CONFIG][:VERSION]``. Both formats store the same
+    serialized ``tf.train.Example`` records; each TFRecord shard is copied
+    record by record, in order, into the array_record shard of the same name
+    and number, and ``dataset_info.json`` lists ``array_record`` as an
+    alternative format. The split's order, shard lengths and features are
+    untouched, so every index names the same example, now read by random
+    access without TensorFlow. (TFDS's own ``convert_format`` needs Apache
+    Beam.) Returns the dataset's folder.
     """
+    import json
+
+    import tensorflow as tf
     import tensorflow_datasets as tfds
-    from tensorflow_datasets.scripts.cli import convert_format_utils
+    from array_record.python import array_record_module
+
+    from . import io as _io
 
     builder = tfds.builder(name, data_dir=data_dir)
     if not builder.is_prepared():
         raise UsageError(f"TFDS dataset {name!r} is not prepared in {data_dir or 'the default TFDS data dir'}")
     folder = os.fspath(builder.data_dir)
-    convert_format_utils.convert_dataset(out_dir=None, out_file_format="array_record",
-                                         dataset_version_dir=folder, num_workers=1)
+    fmt = getattr(builder.info.file_format, "value", builder.info.file_format)
+    if fmt != "tfrecord":
+        raise UsageError(f"TFDS dataset {name!r} is stored as {fmt}, not tfrecord")
+    for split in builder.info.splits.values():
+        for shard, length in zip(split.filenames, split.shard_lengths):
+            src = os.path.join(folder, os.path.basename(os.fspath(shard)))
+            dst = src.replace(".tfrecord-", ".array_record-")
+            tmp = dst + ".incomplete"
+            writer = array_record_module.ArrayRecordWriter(tmp, "group_size:1")  # TFDS's random-access option
+            n = 0
+            for record in tf.data.TFRecordDataset(src).as_numpy_iterator():
+                writer.write(record)
+                n += 1
+            writer.close()
+            if n != int(length):
+                os.unlink(tmp)
+                raise LiftcamError(f"{src} holds {n} records, dataset_info.json says {length}")
+            os.replace(tmp, dst)
+    info_path = os.path.join(folder, "dataset_info.json")
+    with open(info_path, encoding="utf-8") as f:
+        info = json.load(f)
+    info["alternativeFileFormats"] = sorted(set(info.get("alternativeFileFormats", [])) | {"array_record"})
+    _io.write_json(info_path, info)
     return folder
 
 

@@ -23,6 +23,9 @@ from liftcam_jax.model import Classifier, Preprocess, Split
 
 NUM_CLASSES = 10
 SIZE = 32
+# the first ten ImageNet WordNet ids: TFDS labels named by them map to these classes by name
+CLASS_IDS = ("n01440764", "n01443537", "n01484850", "n01491361", "n01494475",
+             "n01496331", "n01498041", "n01514668", "n01514859", "n01518878")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,7 +108,8 @@ def load(name, weights=None, layer=None):
     prep = SlowPreprocess(size=SIZE, resize="shorter_crop", resize_to=36,
                           delay=float(os.environ.get("FAKE_ZOO_SLOW", "0") or 0))
     return Classifier("tiny", _split(layer), _params(), prep, layer,
-                      class_names=[f"class{i}" for i in range(NUM_CLASSES)], layers=LAYERS)
+                      class_names=[f"class{i}" for i in range(NUM_CLASSES)], layers=LAYERS,
+                      class_ids=CLASS_IDS)
 
 
 def sample_images():

@@ -618,7 +618,8 @@ def aggregate(out, labelled, methods, columns, cfg, notes) -> dict:
             if not r or r.get("status") != "done":
                 continue
             n += 1
-            per_image.append({k: r.get(k) for k in ("item", "method", "label", "target", "predicted",
+            per_image.append({k: r.get(k) for k in ("item", "method", "label", "dataset_label", "label_name",
+                                                   "target", "predicted",
                                                    "target_prob", "explain_s", "metrics", "shap_stderr",
                                                    "shap_rel_stderr")})
             for c in columns:
