@@ -495,6 +495,8 @@ def parse_tfds_spec(spec: str) -> TfdsSpec:
     ``tfds:imagenette/full-size-v2@1.0.0:validation[50%:]``.
     """
     m = _TFDS_SPEC.match(spec)
+    if m is not None and ":" in re.sub(r"\[[^\]]*\]", "", m["split"]):  # NAME:VERSION:SPLIT
+        m = None
     if m is None:
         raise UsageError(f"bad TFDS input {spec!r}; expected tfds:NAME[/CONFIG][@VERSION]:SPLIT, "
                          "e.g. tfds:imagenette:validation[:500] or tfds:imagenette/full-size-v2@1.0.0:validation")

@@ -337,3 +337,44 @@ def test_tfds_errors_are_usage_errors(tfds_dir, tmp_path):
         open_inputs(["tfds:liftcam_tiny_images:validation"], data_dir=tfds_dir)
     with pytest.raises(UsageError, match="expected tfds:NAME"):
         open_inputs(["tfds:liftcam_tiny_images"], data_dir=tfds_dir)
+
+
+# ---------------------------------------------------------------------------
+# dataset labels -> model classes
+# ---------------------------------------------------------------------------
+
+def test_label_mapping_by_wordnet_id_identity_dict_and_file(tmp_path):
+    from liftcam_jax.data import label_mapping
+
+    ids = ["n01440764", "n01443537", "n01484850", "n03417042"]  # a model's classes 0..3
+    # imagenette-like names, in the dataset's own order: mapped by name, unknown ones to -1
+    got = label_mapping(["n03417042", "n01440764", "n09999999"], 4, class_ids=ids)
+    assert got.tolist() == [3, 0, -1]
+    # a model whose class names are the dataset's label names, in order
+    assert label_mapping(["cat", "dog"], 2, class_names=["cat", "dog"]).tolist() == [0, 1]
+    assert label_mapping(["0", "1", "2", "3", "4"], 4, label_map="identity").tolist() == [0, 1, 2, 3, -1]
+    assert label_mapping(["cat", "dog"], 10, label_map={"dog": 7}).tolist() == [-1, 7]
+    assert label_mapping(["cat", "dog"], 10, label_map={"0": 5}).tolist() == [5, -1]
+    f = tmp_path / "map.json"
+    f.write_text('{"cat": 2, "dog": 3}')
+    assert label_mapping(["cat", "dog"], 10, label_map=str(f)).tolist() == [2, 3]
+    # never a silent reuse of the dataset's numbering
+    with pytest.raises(UsageError, match="--label-map identity"):
+        label_mapping(["cat", "dog"], 10, class_ids=ids, class_names=["tench", "goldfish"])
+    with pytest.raises(UsageError, match="not a label"):
+        label_mapping(["cat", "dog"], 10, label_map={"cow": 1})
+    with pytest.raises(UsageError, match="not a class index"):
+        label_mapping(["cat", "dog"], 10, label_map={"cat": 10})
+    with pytest.raises(UsageError, match="cannot read the label map"):
+        label_mapping(["cat"], 10, label_map=str(tmp_path / "missing.json"))
+
+
+def test_tfds_spec_with_config_and_version():
+    from liftcam_jax.data import parse_tfds_spec
+
+    s = parse_tfds_spec("tfds:imagenette/full-size-v2@1.0.0:validation[:500]")
+    assert (s.name, s.version, s.split, s.tfds_name) == (
+        "imagenette/full-size-v2", "1.0.0", "validation[:500]", "imagenette/full-size-v2:1.0.0")
+    assert parse_tfds_spec("tfds:mnist:train[10%:20%]").tfds_name == "mnist"
+    with pytest.raises(UsageError, match=r"NAME\[/CONFIG\]\[@VERSION\]:SPLIT"):
+        parse_tfds_spec("tfds:imagenette:1.0.0:validation")
