@@ -15,6 +15,24 @@ from .rescale import NoRescaleRule, deeplift, linearize
 
 __version__ = "0.1.0"
 
+# The rest of the library loads on first use (``liftcam_jax.batch.run(...)`` works
+# after a plain ``import liftcam_jax``), keeping the import itself light.
+_LAZY = ("batch", "bench", "data", "io", "metrics", "viz", "cli", "errors", "image", "model", "explanation")
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        module = importlib.import_module(f"{__name__}.{name}")
+        globals()[name] = module
+        return module
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
+
 __all__ = [
     "Attribution",
     "Classifier",

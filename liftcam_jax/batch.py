@@ -19,8 +19,10 @@ axis, ``batch``; inputs and targets are placed with
 ``NamedSharding(mesh, P("batch"))``, parameters replicated
 (``NamedSharding(mesh, P())``), so each device explains its slice of every
 batch. The batch size is rounded *up* to a multiple of the number of devices.
-The last batch is padded with zeros to the full size (one compiled program per
-run) and padded rows are never written. Every image's result depends on that
+A short batch (one photo, a dataset's tail) is padded with zeros only to the
+next power of two times the device count (:func:`padded_size`: a few compiled
+shapes per run, never the cost of a full batch), and padded rows are never
+written. Every image's result depends on that
 image only, so results are the same on 1 device and on N.
 
 **Several hosts** (``jax.distributed.initialize()`` first): host ``p`` of
@@ -202,6 +204,17 @@ def _step_fn(split, method: str, options: dict, devices: tuple):
     if cache_key is not None:
         _STEPS[cache_key] = entry
     return entry
+
+
+def padded_size(n: int, batch_size: int, devices: int) -> int:
+    """Rows a batch of ``n`` inputs is padded to: a power of two times ``devices``, at most ``batch_size``.
+
+    Full batches run as they are; a short one (one photo, the tail of a
+    dataset) is padded only to the next bucket, so it costs about what its own
+    size costs, and a run compiles at most ``log2(batch_size / devices) + 1`` shapes.
+    """
+    per_device = -(-int(n) // devices)
+    return min(int(batch_size), devices * (1 << (per_device - 1).bit_length()))
 
 
 def _label_classes(classifier, sources, classes: int, label_map, required: bool) -> Dict[int, np.ndarray]:
@@ -580,16 +593,17 @@ def run(
             entries = [e for e in entries if label_target(e[0], e[3]) is not None]
             if not entries:
                 return None
-        x = np.zeros((bs, size, size, 3), np.float32)
+        n = padded_size(len(entries), bs, n_dev)
+        x = np.zeros((n, size, size, 3), np.float32)
         for i, e in enumerate(entries):
             x[i] = e[1]
         xs = jax.device_put(x, data_sharding)
         if target == "label":
-            t = np.zeros((bs,), np.int32)
+            t = np.zeros((n,), np.int32)
             t[: len(entries)] = [class_of[source_of[e[0].id]][e[3].label] for e in entries]
             ts = jax.device_put(t, data_sharding)
         else:
-            ts = None if target is None else jax.device_put(np.full((bs,), target, np.int32), data_sharding)
+            ts = None if target is None else jax.device_put(np.full((n,), target, np.int32), data_sharding)
         key = None if base_key is None else jax.random.fold_in(base_key, index)
         return entries, step(params, xs, ts, key)
 

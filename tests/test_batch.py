@@ -225,6 +225,39 @@ def test_atomic_write_keeps_the_old_file_on_failure(tmp_path):
     assert np.load(tmp_path / "a" / "x.npz").files == ["m"]
 
 
+@pytest.mark.parametrize("mask", [0o022, 0o077, 0o002])
+def test_written_files_respect_the_umask(tmp_path, mask):
+    old = os.umask(mask)
+    try:
+        lio.write_bytes(tmp_path / "f.bin", b"x")
+        lio.write_npz(tmp_path / "sub" / "x.npz", m=np.arange(3))
+    finally:
+        os.umask(old)
+    for p in (tmp_path / "f.bin", tmp_path / "sub" / "x.npz"):
+        assert os.stat(p).st_mode & 0o777 == 0o666 & ~mask, oct(os.stat(p).st_mode)
+
+
+def test_a_short_batch_is_padded_only_to_a_bucket():
+    assert [batch.padded_size(n, 32, 1) for n in (1, 2, 3, 5, 17, 32)] == [1, 2, 4, 8, 32, 32]
+    assert [batch.padded_size(n, 32, 4) for n in (1, 4, 5, 9, 31)] == [4, 4, 8, 16, 32]
+    assert batch.padded_size(7, 24, 8) == 8 and batch.padded_size(17, 24, 8) == 24
+
+
+def test_one_image_runs_at_its_own_size(clf, tmp_path, monkeypatch):
+    """One photo with the default batch size: the compiled step sees one row, not 32."""
+    _photos(tmp_path / "in", 1)
+    shapes = []
+    real = batch._step_fn
+
+    def spy(*a, **k):
+        step, data, repl = real(*a, **k)
+        return (lambda p, x, t, key: (shapes.append(x.shape[0]), step(p, x, t, key))[1]), data, repl
+
+    monkeypatch.setattr(batch, "_step_fn", spy)
+    s = batch.run(clf, [str(tmp_path / "in")], out_dir=tmp_path / "out", quiet=True)
+    assert s.done == 1 and shapes == [1]
+
+
 def test_manifest_cuts_a_torn_tail_and_latest_wins(tmp_path):
     p = tmp_path / "m.jsonl"
     p.write_bytes(b'{"id": "a", "status": "failed"}\n{"id": "b", "sta')
@@ -238,3 +271,11 @@ def test_manifest_cuts_a_torn_tail_and_latest_wins(tmp_path):
     with lio.Manifest(q) as m:
         m.append({"id": "y"})
     assert q.read_text() == '{"id": "y"}\n'
+
+
+def test_submodules_load_on_attribute_access():
+    import subprocess
+
+    code = "import liftcam_jax as lj; print(lj.batch.run.__name__, lj.data.open_inputs.__name__, lj.metrics.__name__)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["run", "open_inputs", "liftcam_jax.metrics"]

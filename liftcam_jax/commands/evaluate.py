@@ -277,7 +277,7 @@ class _Evaluator:
         self.features_fn = jax.jit(classifier.split.features)
 
     def explainer(self, method, params, x, t, key):
-        if method not in self.compiled:
+        if (method, x.shape[0]) not in self.compiled:
             from ..explain import explain
 
             split = self.split
@@ -286,9 +286,9 @@ class _Evaluator:
                 return explain(split, params, x, t, method=method, key=key)
 
             t0 = time.perf_counter()
-            self.compiled[method] = self.jax.jit(step).lower(params, x, t, key).compile()
-            self.compile_s[method] = time.perf_counter() - t0
-        return self.compiled[method]
+            self.compiled[method, x.shape[0]] = self.jax.jit(step).lower(params, x, t, key).compile()
+            self.compile_s[method] = self.compile_s.get(method, 0.0) + time.perf_counter() - t0
+        return self.compiled[method, x.shape[0]]
 
     def shap(self, x, t):
         """Sampled SHAP values of the activation maps for the targets, and their standard errors."""
@@ -490,7 +490,7 @@ def _evaluate(classifier, cfg, metrics, methods, todo, log, previous, grid_ids, 
     for lab, _ in todo:
         sources.setdefault(id(lab.source), (lab.source, []))[1].append(lab.item)
     work = list(sources.values())
-    from ..batch import Reader
+    from ..batch import Reader, padded_size
 
     reader = Reader(work, prep, bs, True, max(1, min(4, os.cpu_count() or 1)), 2)
     bar = tqdm(total=len(todo), unit="img", desc="evaluate", file=sys.stderr, disable=args.quiet,
@@ -520,14 +520,14 @@ def _evaluate(classifier, cfg, metrics, methods, todo, log, previous, grid_ids, 
             good.append((item, x, shown, meta, label, boxes, ms))
         if not good:
             return
-        n = len(good)
-        x = np.zeros((bs, size, size, 3), np.float32)
-        labels = np.zeros((bs,), np.int32)
+        n = padded_size(len(good), bs, 1)  # a short batch is padded to a power of two only
+        x = np.zeros((n, size, size, 3), np.float32)
+        labels = np.zeros((n,), np.int32)
         # every box of every image (TFDS boxes arrive with the images): a power of two bounds recompiles
         n_boxes = max([max_boxes] + [len(g[5]) for g in good if g[5] is not None])
         n_boxes = 1 << (n_boxes - 1).bit_length()
-        box_arr = np.zeros((bs, n_boxes, 4), np.float32)
-        valid = np.zeros((bs, n_boxes), bool)
+        box_arr = np.zeros((n, n_boxes, 4), np.float32)
+        valid = np.zeros((n, n_boxes), bool)
         have_boxes = False
         for i, (item, xi, shown, meta, label, boxes, _) in enumerate(good):
             x[i], labels[i] = xi, label
@@ -570,7 +570,7 @@ def _evaluate(classifier, cfg, metrics, methods, todo, log, previous, grid_ids, 
                     "source": item.source, "label": int(label), "target": int(targets[i]),
                     "dataset_label": meta.label, "label_name": meta.label_name,
                     "predicted": int(preds[i]), "target_prob": _num(probs[i, targets[i]]),
-                    "explain_s": seconds / bs, "metrics": rec_metrics, "curves": rec_curves,
+                    "explain_s": seconds / n, "metrics": rec_metrics, "curves": rec_curves,
                     "computed": computed,
                 }
                 if shap_se is not None:
