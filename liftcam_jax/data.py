@@ -419,9 +419,17 @@ def _is_image_file(name: str) -> bool:
 
 
 def _walk_images(folder: str) -> List[str]:
+    """Image files below ``folder``, sorted; symlinked folders are followed, each real folder once (no loops)."""
     out = []
-    for root, dirs, files in os.walk(folder, followlinks=False):
-        dirs.sort()
+    seen = {os.path.realpath(folder)}
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        keep = []
+        for d in sorted(dirs):
+            real = os.path.realpath(os.path.join(root, d))
+            if real not in seen:
+                seen.add(real)
+                keep.append(d)
+        dirs[:] = keep
         for f in sorted(files):
             if _is_image_file(f) and not f.startswith("."):
                 out.append(os.path.join(root, f))

@@ -378,3 +378,17 @@ def test_tfds_spec_with_config_and_version():
     assert parse_tfds_spec("tfds:mnist:train[10%:20%]").tfds_name == "mnist"
     with pytest.raises(UsageError, match=r"NAME\[/CONFIG\]\[@VERSION\]:SPLIT"):
         parse_tfds_spec("tfds:imagenette:1.0.0:validation")
+
+
+def test_symlinked_folders_are_followed_once_without_loops(tmp_path):
+    root = tmp_path / "photos"
+    (root / "a").mkdir(parents=True)
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    for p in (root / "a" / "x.png", other / "y.png"):
+        Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(p)
+    os.symlink(other, root / "linked")          # a folder kept elsewhere
+    os.symlink(root, root / "a" / "loop")       # a link back up: must not loop
+    os.symlink(root / "a", root / "again")      # the same folder twice: listed once
+    (src,) = open_inputs([str(root)])
+    assert sorted(it.id for it in src.items) == ["photos/a/x", "photos/linked/y"]
