@@ -52,6 +52,9 @@ def enable_compilation_cache(path: str | None = None) -> None:
 
 def build_parser(zoo) -> argparse.ArgumentParser:
     parser = _Parser(prog="liftcam-jax", description=__doc__.splitlines()[0])
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"liftcam-jax {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name in COMMANDS:
         mod = importlib.import_module(f".commands.{name}", __package__)

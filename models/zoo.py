@@ -187,10 +187,11 @@ def pretrained_params(model: StagedModel) -> dict:
     if model.name not in PRETRAINED:
         url = TORCHVISION_URLS.get(model.name)
         how = (f"download https://download.pytorch.org/models/{url} (torchvision's "
-               f"IMAGENET1K_V1 weights) and pass its path as the weights"
-               if url else "pass a checkpoint path (EfficientNet-PyTorch key names) as the weights")
-        raise UsageError(f"no pretrained weights are bundled for {model.name}; {how}, "
-                         f"or use weights='random' (bundled: {', '.join(PRETRAINED)})")
+               f"IMAGENET1K_V1 weights) and pass its path: --weights PATH"
+               if url else "pass a checkpoint (EfficientNet-PyTorch key names): --weights PATH")
+        raise UsageError(f"no pretrained weights are bundled for {model.name}; {how} "
+                         f"(Python: models.load({model.name!r}, weights=PATH)), or random weights: --weights random "
+                         f"(bundled: {', '.join(PRETRAINED)})")
     source = PRETRAINED[model.name]()
     file = cache_dir() / f"{source.stem}.npz"
     params = _read_cache(file, model)

@@ -107,7 +107,7 @@ def test_unknown_names():
 
 
 def test_no_bundled_weights_says_what_to_download():
-    with pytest.raises(UsageError, match=r"resnet18-f37072fd\.pth.*weights='random'"):
+    with pytest.raises(UsageError, match=r"resnet18-f37072fd\.pth.*--weights PATH.*--weights random"):
         models.load("resnet18")
     with pytest.raises(UsageError, match="weights file not found"):
         models.load("resnet18", "/nonexistent/resnet18.pth")

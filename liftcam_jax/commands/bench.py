@@ -8,7 +8,7 @@ Inputs are random normal arrays of the model's input size. Prints a markdown
 table; --out FILE.json / FILE.md write the full report / the table.
 
 Methods are names from the registry, optionally with options:
-'score-cam:batch_size=64' (repeat a method with different options to compare).
+'score-cam:chunk_size=64' (repeat a method with different options to compare).
 The persistent compilation cache is off during the run unless
 --compilation-cache on (then its hits are reported), so compile times are real.
 """
