@@ -72,7 +72,7 @@ from . import methods as _methods
 from .data import Item, ItemError, Source, open_inputs
 from .errors import LiftcamError, UsageError
 
-__all__ = ["Summary", "run", "manifest_name", "read_manifests", "output_paths"]
+__all__ = ["RunConfig", "RunFolder", "Summary", "manifest_name", "output_paths", "read_manifests", "run", "run_loop"]
 
 SAVE_MODES = ("overlay", "raw", "both")
 
@@ -382,232 +382,339 @@ class Reader(threading.Thread):
 
 
 # ---------------------------------------------------------------------------
+# the run folder and the run loop (shared by explain and evaluate)
+# ---------------------------------------------------------------------------
+
+class RunFolder:
+    """An output folder: the run's identity (``run.json``), its JSON-lines log(s), and resume.
+
+    ``log`` is this process's log file; every file matching ``pattern`` is read,
+    so records written by other hosts (or an earlier host count) count as done.
+    ``done(key)`` is true when the last record of ``key`` says ``done``.
+    """
+
+    def __init__(self, out_dir, identity: dict, log: str = "manifest.jsonl", pattern: str = "manifest*.jsonl",
+                 clean: bool = True):
+        self.path = os.fspath(out_dir)
+        try:
+            _io.check_writable(self.path)
+        except OSError as e:
+            raise UsageError(f"output folder {self.path} is not writable: {e.strerror or e}") from None
+        check_run_identity(self.path, identity)
+        if clean:
+            _remove_stale_temp_files(self.path)
+        paths = sorted(glob.glob(os.path.join(glob.escape(self.path), pattern)))
+        self.previous: Dict[str, dict] = _io.latest(r for p in paths for r in _io.read_jsonl(p))
+        self.log_path = os.path.join(self.path, log)
+        self._log: Optional[_io.Manifest] = None
+
+    def done(self, key: str) -> bool:
+        rec = self.previous.get(key)
+        return bool(rec) and rec.get("status") == "done"
+
+    def append(self, record: dict) -> None:
+        if self._log is None:
+            self._log = _io.Manifest(self.log_path)
+        self._log.append(record)
+
+    def close(self) -> None:
+        if self._log is not None:
+            self._log.close()
+
+
+class Progress:
+    """A progress bar (``tqdm``: rate and ETA) that also prints lines above itself."""
+
+    def __init__(self, total: int, desc: str, unit: str, quiet: bool, stream):
+        from tqdm import tqdm
+
+        self.quiet, self.stream = quiet, stream
+        self.bar = tqdm(total=total, unit=unit, desc=desc, file=stream, disable=quiet, dynamic_ncols=True,
+                        smoothing=0.1)
+
+    def update(self, n: int = 1, **postfix) -> None:
+        if postfix:
+            self.bar.set_postfix(postfix, refresh=False)
+        self.bar.update(n)
+
+    def write(self, line: str) -> None:
+        if self.quiet:
+            print(line, file=self.stream)
+        else:
+            self.bar.write(line, file=self.stream)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def run_loop(work, preprocess, batch_size: int, *, launch, fail, finish=None, keep_display=False,
+             workers: Optional[int] = None, prefetch: int = 2) -> None:
+    """Read ``work`` (``[(source, items)]``) in batches and hand them over: the one loop of every run.
+
+    ``launch(entries, index)`` gets each batch (entries ``(item, x, shown, meta)``,
+    see :class:`Reader`) and returns a handle, or ``None`` when it has nothing
+    to finish; ``finish(handle)`` is called for a batch once the next one has
+    been launched (so writing overlaps JAX's asynchronous compute), and for the
+    last one at the end. ``fail(item, message)`` is called for every input that
+    cannot be read. A failure of the reading machinery itself is raised.
+    """
+    if workers is None:
+        workers = max(1, min(4, os.cpu_count() or 1))
+    reader = Reader(work, preprocess, batch_size, keep_display, workers, prefetch)
+    in_flight, batches = None, 0
+    reader.start()
+    try:
+        while True:
+            event = reader.events.get()
+            if event[0] == "fail":
+                fail(event[1], event[2])
+            elif event[0] == "batch":
+                handle = launch(event[1], batches)
+                batches += 1
+                if in_flight is not None and finish is not None:
+                    finish(in_flight)
+                in_flight = handle
+            elif event[0] == "end":
+                break
+            else:  # "error"
+                raise event[1]
+        if in_flight is not None and finish is not None:
+            finish(in_flight)
+    finally:
+        reader.stop.set()
+
+
+# ---------------------------------------------------------------------------
 # run
 # ---------------------------------------------------------------------------
 
-def run(
-    classifier,
-    inputs: Union[Sequence[str], Sequence[Source]],
-    *,
-    out_dir,
-    method: str = "lift-cam",
-    target: Union[None, str, int] = None,
-    batch_size: int = 32,
-    save: str = "both",
-    options: Optional[dict] = None,
-    seed: int = 0,
-    limit: Optional[int] = None,
-    quiet: bool = False,
-    workers: Optional[int] = None,
-    prefetch: int = 2,
-    devices: Optional[Sequence] = None,
-    process_index: Optional[int] = None,
-    process_count: Optional[int] = None,
-    alpha: float = 0.5,
-    cmap: str = "jet",
-    data_dir: Optional[str] = None,
-    download: bool = False,
-    image_key: Optional[str] = None,
-    label_key: Optional[str] = None,
-    label_map=None,
-    run_info: Optional[dict] = None,
-    stderr=None,
-) -> Summary:
-    """Explain every input and write the results to ``out_dir`` (see the module doc).
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """How :func:`run` explains: every option of ``liftcam-jax explain``.
 
-    Args:
-      classifier: a :class:`liftcam_jax.Classifier`.
-      inputs: paths / folders / ``.npy`` / ``tfds:NAME:SPLIT`` strings, or
-        sources from :func:`liftcam_jax.data.open_inputs`.
-      out_dir: output folder (created).
-      method: a registered method name (:func:`liftcam_jax.methods.names`).
-      target: ``None``/``"auto"`` (the predicted class), ``"label"`` (each
-        image's dataset label, mapped to the model's classes by
-        :func:`liftcam_jax.data.label_mapping`) or one class index.
-      batch_size: images per step, rounded up to a multiple of the devices.
-      save: ``"both"``, ``"raw"`` (``.npz`` only) or ``"overlay"`` (``.png`` only).
-      options: keyword options of the method.
-      seed: PRNG seed for methods that need a key (batch ``i`` uses
-        ``fold_in(PRNGKey(seed), i)``).
-      limit: explain only the first ``limit`` inputs of the listing.
-      quiet: no progress bar and no summary (failures are still printed).
-      workers: decoding threads (default: up to 4, no more than the CPUs).
-      prefetch: batches read ahead.
-      devices: the devices to shard over (default: ``jax.local_devices()``).
-      process_index, process_count: this host's share (default: JAX's).
-      alpha, cmap: overlay blending (:func:`liftcam_jax.viz.overlay`).
-      data_dir, download, image_key, label_key: for ``tfds:`` inputs
-        (:func:`liftcam_jax.data.open_inputs`).
-      label_map: how dataset labels map to the model's classes (``None``:
-        WordNet ids or equal class names; ``"identity"``; a dict or JSON path).
-      run_info: extra identity of the run stored in ``run.json`` (e.g. the weights).
+    method: a registered method; options: its keyword options; target:
+    ``None``/``"auto"`` (predicted), ``"label"`` (each image's dataset label,
+    mapped by :func:`liftcam_jax.data.label_mapping` with ``label_map``) or a
+    class index; batch_size: images per step (rounded up to a multiple of the
+    devices); save: ``"both"``, ``"raw"`` (.npz) or ``"overlay"`` (.png);
+    seed: batch ``i`` of a randomised method uses ``fold_in(PRNGKey(seed), i)``;
+    limit: the first ``limit`` inputs only; workers/prefetch: decoding threads
+    and batches read ahead; devices: default ``jax.local_devices()``;
+    process_index/process_count: this host's share (default JAX's); alpha/cmap:
+    overlays; data_dir/download/image_key/label_key: ``tfds:`` inputs;
+    run_info: extra identity stored in ``run.json`` (e.g. the weights).
+    """
 
-    Returns:
-      A :class:`Summary`. Raises :class:`UsageError` before any work for bad
-      arguments; failures of single inputs are recorded, not raised.
+    method: str = "lift-cam"
+    options: Optional[dict] = None
+    target: Union[None, str, int] = None
+    label_map: Any = None
+    batch_size: int = 32
+    save: str = "both"
+    seed: int = 0
+    limit: Optional[int] = None
+    quiet: bool = False
+    workers: Optional[int] = None
+    prefetch: int = 2
+    devices: Optional[Sequence] = None
+    process_index: Optional[int] = None
+    process_count: Optional[int] = None
+    alpha: float = 0.5
+    cmap: str = "jet"
+    data_dir: Optional[str] = None
+    download: bool = False
+    image_key: Optional[str] = None
+    label_key: Optional[str] = None
+    run_info: Optional[dict] = None
+
+
+def run(classifier, inputs: Union[Sequence[str], Sequence[Source]], config: Optional[RunConfig] = None, *,
+        out_dir, stderr=None, **options) -> Summary:
+    """Explain every input into ``out_dir`` (see the module doc); ``options`` override ``config``'s fields.
+
+    ``inputs``: paths, folders, ``.npy`` files, ``tfds:...`` specs, or sources from
+    :func:`liftcam_jax.data.open_inputs`. Returns a :class:`Summary`; a
+    :class:`UsageError` before any work for bad arguments; single inputs that
+    fail are recorded, not raised.
     """
     import jax
 
+    cfg = dataclasses.replace(config or RunConfig(), **options)
     err = stderr if stderr is not None else sys.stderr
     t_start = time.perf_counter()
-    if save not in SAVE_MODES:
-        raise UsageError(f"unknown save mode {save!r}; valid: {', '.join(SAVE_MODES)}")
-    m = _methods.get(method)
-    if int(batch_size) < 1:
-        raise UsageError(f"batch size must be at least 1, got {batch_size}")
-    if limit is not None and int(limit) < 1:
-        raise UsageError(f"limit must be at least 1, got {limit}")
-    options = dict(options or {})
-    from .viz import CMAPS
-
-    if cmap not in CMAPS:
-        raise UsageError(f"unknown colormap {cmap!r}; valid: {', '.join(CMAPS)}")
-    if not 0.0 <= float(alpha) <= 1.0:
-        raise UsageError(f"alpha must be in [0, 1], got {alpha}")
-    prep = classifier.preprocess
-    size = int(prep.size)
-    classes = _num_classes(classifier, size)
-    if isinstance(target, str):
-        if target.strip().lower() == "auto":
-            target = None
-        elif target.strip().lower() == "label":
-            target = "label"
-        else:
-            try:
-                target = int(target)
-            except ValueError:
-                raise UsageError(f"bad target {target!r}; use 'auto', 'label' or a class index") from None
-    if target is not None and target != "label":
-        target = int(target)
-        if not 0 <= target < classes:
-            raise UsageError(f"target index {target} out of range for {classifier.name} ({classes} classes: 0..{classes - 1})")
-
+    size = int(classifier.preprocess.size)
+    target = _check_config(cfg, _num_classes(classifier, size))
     sources = list(inputs)
     if not sources or not all(isinstance(s, Source) for s in sources):
-        sources = open_inputs([os.fspath(s) for s in sources], data_dir=data_dir, download=download,
-                              image_key=image_key, label_key=label_key)
-    class_of = _label_classes(classifier, sources, classes, label_map, required=target == "label")
+        sources = open_inputs([os.fspath(s) for s in sources], data_dir=cfg.data_dir, download=cfg.download,
+                              image_key=cfg.image_key, label_key=cfg.label_key)
+    class_of = _label_classes(classifier, sources, _num_classes(classifier, size), cfg.label_map,
+                              required=target == "label")
+    pi = jax.process_index() if cfg.process_index is None else int(cfg.process_index)
+    pc = jax.process_count() if cfg.process_count is None else int(cfg.process_count)
+    if not 0 <= pi < pc:
+        raise UsageError(f"process index {pi} out of range for {pc} processes")
+    folder = RunFolder(out_dir, _identity(classifier, cfg, target), manifest_name(pi, pc), clean=pc == 1)
+    listing = [(s, it) for s in sources for it in s.items][: cfg.limit]
+    share = listing[pi::pc]
+    todo = [(s, it) for s, it in share if not _is_done(folder.previous.get(it.id), folder.path,
+                                                        output_paths(it.id, cfg.save))]
+    work = [(s, [it for s2, it in todo if s2 is s]) for s in sources if any(s2 is s for s2, _ in todo)]
+    devs = tuple(jax.local_devices() if cfg.devices is None else cfg.devices)
+    bs = int(math.ceil(int(cfg.batch_size) / len(devs)) * len(devs))
+    if bs != int(cfg.batch_size) and not cfg.quiet:
+        print(f"liftcam-jax: batch size {cfg.batch_size} rounded up to {bs}, a multiple of the {len(devs)} devices",
+              file=err)
+    summary = Summary(0, len(share) - len(todo), 0, len(share), folder.path, folder.log_path, 0.0, bs, len(devs))
+    if todo:
+        progress = Progress(len(todo), "explain", "img", cfg.quiet, err)
+        writer = _Writer(classifier, cfg, target, folder, progress, summary, class_of,
+                         {it.id: id(s) for s, it in todo}, bs, devs)
+        try:
+            run_loop(work, classifier.preprocess, bs, launch=writer.launch, finish=writer.finish, fail=writer.fail,
+                     keep_display=cfg.save in ("overlay", "both"), workers=cfg.workers, prefetch=cfg.prefetch)
+        finally:
+            folder.close()
+            progress.close()
+    summary.seconds = time.perf_counter() - t_start
+    if not cfg.quiet:
+        print(f"liftcam-jax: explain: {summary.line()}", file=err)
+    return summary
 
-    out_dir = os.fspath(out_dir)
-    try:
-        _io.check_writable(out_dir)
-    except OSError as e:
-        raise UsageError(f"output folder {out_dir} is not writable: {e.strerror or e}") from None
 
+def _check_config(cfg: RunConfig, classes: int):
+    """Validate ``cfg`` before any work (:class:`UsageError`); returns the target: ``None``, ``"label"`` or an int."""
+    from .viz import CMAPS
+
+    if cfg.save not in SAVE_MODES:
+        raise UsageError(f"unknown save mode {cfg.save!r}; valid: {', '.join(SAVE_MODES)}")
+    _methods.get(cfg.method)
+    if int(cfg.batch_size) < 1:
+        raise UsageError(f"batch size must be at least 1, got {cfg.batch_size}")
+    if cfg.limit is not None and int(cfg.limit) < 1:
+        raise UsageError(f"limit must be at least 1, got {cfg.limit}")
+    if cfg.cmap not in CMAPS:
+        raise UsageError(f"unknown colormap {cfg.cmap!r}; valid: {', '.join(CMAPS)}")
+    if not 0.0 <= float(cfg.alpha) <= 1.0:
+        raise UsageError(f"alpha must be in [0, 1], got {cfg.alpha}")
+    target = cfg.target
+    if isinstance(target, str):
+        word = target.strip().lower()
+        if word in ("auto", "label"):
+            return None if word == "auto" else "label"
+        try:
+            target = int(target)
+        except ValueError:
+            raise UsageError(f"bad target {target!r}; use 'auto', 'label' or a class index") from None
+    if target is not None and not 0 <= int(target) < classes:
+        raise UsageError(f"target index {target} out of range ({classes} classes: 0..{classes - 1})")
+    return None if target is None else int(target)
+
+
+def _identity(classifier, cfg: RunConfig, target) -> dict:
+    """What ``run.json`` records: resuming a folder with another identity is refused."""
     identity = {
         "model": classifier.name,
         "layer": classifier.layer,
-        "method": method,
+        "method": cfg.method,
         "target": "auto" if target is None else target,
-        "options": {k: repr(v) for k, v in sorted(options.items())},
-        **({"label_map": label_map if isinstance(label_map, str) or label_map is None else repr(label_map)}
-           if target == "label" else {}),
-        "input_size": size,
+        "options": {k: repr(v) for k, v in sorted((cfg.options or {}).items())},
+        "input_size": int(classifier.preprocess.size),
     }
-    identity.update(run_info or {})
-    check_run_identity(out_dir, identity)
+    if target == "label":
+        lm = cfg.label_map
+        identity["label_map"] = lm if lm is None or isinstance(lm, str) else repr(lm)
+    identity.update(cfg.run_info or {})
+    return identity
 
-    # -- the share of this host, minus what is done -------------------------
-    pi = jax.process_index() if process_index is None else int(process_index)
-    pc = jax.process_count() if process_count is None else int(process_count)
-    if not 0 <= pi < pc:
-        raise UsageError(f"process index {pi} out of range for {pc} processes")
-    listing = [(s, it) for s in sources for it in s.items]
-    if limit is not None:
-        listing = listing[: int(limit)]
-    share = listing[pi::pc]
-    if pc == 1:
-        _remove_stale_temp_files(out_dir)
-    previous = read_manifests(out_dir)
-    todo_by_source: Dict[int, list] = {}
-    skipped = 0
-    for s, it in share:
-        if _is_done(previous.get(it.id), out_dir, output_paths(it.id, save)):
-            skipped += 1
-        else:
-            todo_by_source.setdefault(id(s), []).append(it)
-    work = [(s, todo_by_source[id(s)]) for s in sources if id(s) in todo_by_source]
-    n_todo = sum(len(v) for _, v in work)
 
-    devs = tuple(jax.local_devices() if devices is None else devices)
-    n_dev = len(devs)
-    bs = int(math.ceil(int(batch_size) / n_dev) * n_dev)
-    if bs != int(batch_size) and not quiet:
-        print(f"liftcam-jax: batch size {batch_size} rounded up to {bs}, a multiple of the {n_dev} devices", file=err)
+class _Writer:
+    """The explain side of a run: launch each batch on the devices, then write its results and manifest lines."""
 
-    manifest_path = os.path.join(out_dir, manifest_name(pi, pc))
-    summary = Summary(0, skipped, 0, len(share), out_dir, manifest_path, 0.0, bs, n_dev)
-    if n_todo == 0:
-        summary.seconds = time.perf_counter() - t_start
-        if not quiet:
-            print(f"liftcam-jax: explain: {summary.line()}", file=err)
-        return summary
+    def __init__(self, classifier, cfg, target, folder, progress, summary, class_of, source_of, bs, devs):
+        import jax
 
-    step, data_sharding, repl = _step_fn(classifier.split, method, options, devs)
-    params = jax.device_put(classifier.params, repl)
-    base_key = jax.random.PRNGKey(seed) if m.needs_key else None
-    keep_display = save in ("overlay", "both")
-    if workers is None:
-        workers = max(1, min(4, os.cpu_count() or 1))
+        self.jax, self.c, self.cfg, self.target = jax, classifier, cfg, target
+        self.folder, self.progress, self.summary = folder, progress, summary
+        self.class_of, self.source_of, self.bs, self.n_dev = class_of, source_of, bs, len(devs)
+        self.step, self.data, repl = _step_fn(classifier.split, cfg.method, dict(cfg.options or {}), devs)
+        self.params = jax.device_put(classifier.params, repl)
+        self.base_key = jax.random.PRNGKey(cfg.seed) if _methods.get(cfg.method).needs_key else None
 
-    from tqdm import tqdm
-
-    from .viz import overlay
-
-    bar = tqdm(total=n_todo, unit="img", desc="explain", file=err, disable=quiet, dynamic_ncols=True, smoothing=0.1)
-    manifest = _io.Manifest(manifest_path)
-    reader = Reader(work, prep, bs, keep_display, workers, prefetch)
-
-    source_of = {it.id: id(s) for s, its in work for it in its}
-
-    def fail(item: Item, msg: str, meta: Optional[Meta] = None):
-        fixed = isinstance(target, int)
-        manifest.append({
+    def fail(self, item: Item, msg: str, meta: Optional[Meta] = None) -> None:
+        fixed = isinstance(self.target, int)
+        self.folder.append({
             "id": item.id, "source": item.source, "status": "failed", "outputs": [], "error": msg,
-            "target": target if fixed else None, "target_name": classifier.class_name(target) if fixed else None,
+            "target": self.target if fixed else None,
+            "target_name": self.c.class_name(self.target) if fixed else None,
             "predicted": None, "predicted_name": None,
             "label": None if meta is None else meta.label, "label_name": None if meta is None else meta.label_name,
         })
-        summary.failed += 1
-        bar.update(1)
-        line = f"liftcam-jax: failed: {item.source}: {msg}"
-        if quiet:
-            print(line, file=err)
-        else:
-            bar.write(line, file=err)
+        self.summary.failed += 1
+        self.progress.update(1)
+        self.progress.write(f"liftcam-jax: failed: {item.source}: {msg}")
 
-    def label_target(item: Item, meta: Meta) -> Optional[int]:
-        """The model class of the item's dataset label, or ``None`` (the item failed) for ``target="label"``."""
-        mapping = class_of.get(source_of[item.id])
+    def _label_class(self, item: Item, meta: Meta) -> Optional[int]:
+        """The model class of the item's dataset label (``target="label"``), or ``None``: the item failed."""
+        mapping = self.class_of.get(self.source_of[item.id])
         if meta.label is None or mapping is None:
-            fail(item, "no label to explain (target 'label')", meta)
+            self.fail(item, "no label to explain (target 'label')", meta)
         elif not 0 <= meta.label < len(mapping) or mapping[meta.label] < 0:
-            fail(item, f"label {meta.label} ({meta.label_name}) has no class in {classifier.name} "
-                       "(give one in the label map)", meta)
+            self.fail(item, f"label {meta.label} ({meta.label_name}) has no class in {self.c.name} "
+                            "(give one in the label map)", meta)
         else:
             return int(mapping[meta.label])
         return None
 
-    def dispatch(entries, index):
-        if target == "label":
-            entries = [e for e in entries if label_target(e[0], e[3]) is not None]
+    def launch(self, entries, index):
+        jax = self.jax
+        targets = None
+        if self.target == "label":
+            classes = [self._label_class(e[0], e[3]) for e in entries]
+            entries = [e for e, t in zip(entries, classes) if t is not None]
+            targets = [t for t in classes if t is not None]
             if not entries:
                 return None
-        n = padded_size(len(entries), bs, n_dev)
-        x = np.zeros((n, size, size, 3), np.float32)
+        elif self.target is not None:
+            targets = [self.target] * len(entries)
+        n = padded_size(len(entries), self.bs, self.n_dev)
+        x = np.zeros((n, *entries[0][1].shape), np.float32)
         for i, e in enumerate(entries):
             x[i] = e[1]
-        xs = jax.device_put(x, data_sharding)
-        if target == "label":
+        ts = None
+        if targets is not None:
             t = np.zeros((n,), np.int32)
-            t[: len(entries)] = [class_of[source_of[e[0].id]][e[3].label] for e in entries]
-            ts = jax.device_put(t, data_sharding)
-        else:
-            ts = None if target is None else jax.device_put(np.full((n,), target, np.int32), data_sharding)
-        key = None if base_key is None else jax.random.fold_in(base_key, index)
-        return entries, step(params, xs, ts, key)
+            t[: len(targets)] = targets
+            ts = jax.device_put(t, self.data)
+        key = None if self.base_key is None else jax.random.fold_in(self.base_key, index)
+        return entries, self.step(self.params, jax.device_put(x, self.data), ts, key)
 
-    def write_one(rel, path, i, x, shown, meta, tgt, pred, host):
+    def finish(self, handle) -> None:
+        entries, exp = handle
+        host = self.jax.device_get(exp)
+        for i, (item, x, shown, meta) in enumerate(entries):
+            outputs = output_paths(item.id, self.cfg.save)
+            tgt, pred = int(host.targets[i]), int(np.argmax(host.logits[i]))
+            for rel in outputs:
+                path = os.path.join(self.folder.path, rel)
+                try:
+                    self._write(rel, path, i, x, shown, meta, tgt, pred, host)
+                except OSError as e:  # disk full, folder removed...: fatal, the rerun resumes
+                    raise LiftcamError(
+                        f"cannot write {path}: {e.strerror or e} (fix it and rerun the same command to resume)"
+                    ) from None
+            self.folder.append({
+                "id": item.id, "source": item.source, "status": "done", "outputs": outputs, "error": None,
+                "target": tgt, "target_name": self.c.class_name(tgt),
+                "predicted": pred, "predicted_name": self.c.class_name(pred),
+                "label": meta.label, "label_name": meta.label_name,
+            })
+            self.summary.done += 1
+            self.progress.update(1)
+
+    def _write(self, rel, path, i, x, shown, meta, tgt, pred, host) -> None:
+        from .viz import overlay
+
         if rel.endswith(".npz"):
             _io.write_npz(
                 path,
@@ -623,61 +730,5 @@ def run(
                 label_name=None if meta.label_name is None else np.str_(meta.label_name),
             )
         else:
-            base = shown if shown is not None else prep.denormalize(x)
-            _io.write_png(path, overlay(base, np.asarray(host.maps[i]), alpha=alpha, cmap=cmap))
-
-    def write(entries, exp):
-        host = jax.device_get(exp)
-        for i, (item, x, shown, meta) in enumerate(entries):
-            outputs = output_paths(item.id, save)
-            tgt = int(host.targets[i])
-            pred = int(np.argmax(host.logits[i]))
-            for rel in outputs:
-                path = os.path.join(out_dir, rel)
-                try:
-                    write_one(rel, path, i, x, shown, meta, tgt, pred, host)
-                except OSError as e:  # disk full, folder removed...: fatal, the rerun resumes
-                    raise LiftcamError(
-                        f"cannot write {path}: {e.strerror or e} (fix it and rerun the same command to resume)"
-                    ) from None
-            manifest.append({
-                "id": item.id, "source": item.source, "status": "done", "outputs": outputs, "error": None,
-                "target": tgt, "target_name": classifier.class_name(tgt),
-                "predicted": pred, "predicted_name": classifier.class_name(pred),
-                "label": meta.label, "label_name": meta.label_name,
-            })
-            summary.done += 1
-            bar.update(1)
-
-    in_flight = None
-    batches = 0
-    reader.start()
-    try:
-        while True:
-            event = reader.events.get()
-            kind = event[0]
-            if kind == "fail":
-                fail(event[1], event[2])
-            elif kind == "batch":
-                launched = dispatch(event[1], batches)
-                if launched is None:
-                    continue
-                batches += 1
-                if in_flight is not None:
-                    write(*in_flight)
-                in_flight = launched
-            elif kind == "end":
-                break
-            else:  # "error": a failure of the reading machinery itself
-                raise event[1]
-        if in_flight is not None:
-            write(*in_flight)
-            in_flight = None
-    finally:
-        reader.stop.set()
-        manifest.close()
-        bar.close()
-    summary.seconds = time.perf_counter() - t_start
-    if not quiet:
-        print(f"liftcam-jax: explain: {summary.line()}", file=err)
-    return summary
+            base = shown if shown is not None else self.c.preprocess.denormalize(x)
+            _io.write_png(path, overlay(base, np.asarray(host.maps[i]), alpha=self.cfg.alpha, cmap=self.cfg.cmap))

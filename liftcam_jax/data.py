@@ -56,7 +56,9 @@ __all__ = [
     "ItemError",
     "Source",
     "decode_image",
+    "LabelledFolder",
     "label_mapping",
+    "open_labelled",
     "open_inputs",
     "to_rgb",
     "array_to_rgb",
@@ -277,6 +279,7 @@ class Source:
     """
 
     items: List[Item]
+    labels_are_classes = False  # True: an Example's label is already the model's class index
 
     def read(self, items: Sequence[Item]) -> Iterator[Tuple[Item, Callable[[], Example]]]:
         for it in items:
@@ -295,6 +298,97 @@ class FileSource(Source):
 
     def load(self, item: Item) -> np.ndarray:
         return decode_image(item.ref, max_pixels=self.max_pixels)
+
+
+class LabelledFolder(FileSource):
+    """A folder of images with ``labels.csv`` (``file``, ``imagenet_index``) and optionally ``boxes.csv``.
+
+    ``labels.csv``: ``file`` is a path relative to the folder, ``imagenet_index``
+    the class, *already the model's class index* (``labels_are_classes``); other
+    columns are ignored; items keep its order. ``boxes.csv``: ``file, xmin, ymin,
+    xmax, ymax`` in pixels of the stored image, several rows per file allowed;
+    without it, boxes are ``None`` (localisation undefined, not zero). Ids are the
+    ``file`` column with ``/`` separators.
+    """
+
+    labels_are_classes = True
+    label_names = None
+
+    def __init__(self, folder: str, max_pixels: Optional[int] = -1):
+        labels_path = os.path.join(folder, "labels.csv")
+        if not os.path.isdir(folder):
+            raise UsageError(f"data folder not found: {folder}")
+        if not os.path.isfile(labels_path):
+            raise UsageError(f"{folder} has no labels.csv (columns file,imagenet_index)")
+        rows = _read_csv(labels_path, ("file", "imagenet_index"))
+        if not rows:
+            raise UsageError(f"{labels_path} lists no images")
+        boxes: dict = {}
+        boxes_path = os.path.join(folder, "boxes.csv")
+        self.has_boxes = os.path.isfile(boxes_path)
+        if self.has_boxes:
+            for n, row in enumerate(_read_csv(boxes_path, ("file", "xmin", "ymin", "xmax", "ymax")), start=2):
+                try:
+                    b = [float(row[k]) for k in ("xmin", "ymin", "xmax", "ymax")]
+                except ValueError:
+                    raise UsageError(f"{boxes_path} line {n}: box coordinates must be numbers") from None
+                boxes.setdefault(row["file"], []).append(b)
+        items, self.labels, self.boxes, seen = [], {}, {}, set()
+        for n, row in enumerate(rows, start=2):
+            rel = row["file"]
+            try:
+                label = int(row["imagenet_index"])
+            except ValueError:
+                raise UsageError(f"{labels_path} line {n}: imagenet_index {row['imagenet_index']!r} "
+                                 "is not an integer") from None
+            if not rel or rel in seen:
+                raise UsageError(f"{labels_path} line {n}: {'empty' if not rel else 'repeated'} file name {rel!r}")
+            seen.add(rel)
+            item = Item(rel.replace(os.sep, "/"), os.path.join(folder, rel), "image", ref=os.path.join(folder, rel))
+            items.append(item)
+            self.labels[item.id] = label
+            if self.has_boxes:
+                self.boxes[item.id] = np.asarray(boxes.get(rel, []), np.float32).reshape(-1, 4)
+        super().__init__(items, max_pixels)
+        self.spec = folder
+
+    def read(self, items):
+        for it in items:
+            yield it, (lambda it=it: Example(self.load(it), self.labels[it.id], None, self.boxes.get(it.id)))
+
+
+def _read_csv(path: str, required: Sequence[str]) -> List[dict]:
+    import csv
+
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            cols = [c.strip() for c in (reader.fieldnames or [])]
+            missing = [c for c in required if c not in cols]
+            if missing:
+                raise UsageError(f"{path} has no column {missing[0]!r} (columns: {', '.join(cols) or 'none'}; "
+                                 f"needed: {', '.join(required)})")
+            return [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in reader]
+    except UnicodeDecodeError as e:
+        raise UsageError(f"{path} is not UTF-8 text: {e}") from None
+
+
+def open_labelled(spec: str, *, data_dir: Optional[str] = None, image_key: Optional[str] = None,
+                  label_key: Optional[str] = None, max_pixels: Optional[int] = -1) -> Source:
+    """Labelled images for evaluation: a :class:`LabelledFolder`, or a TFDS split with a ``ClassLabel``.
+
+    Reading either yields :class:`Example` s with ``label`` (and ``boxes`` where
+    the data has them). A folder's labels are the model's class indices; a TFDS
+    split's are the dataset's own, mapped with :func:`label_mapping`.
+    """
+    spec = os.fspath(spec)
+    if spec.startswith("tfds:"):
+        src = _tfds_source(spec, data_dir, False, image_key, label_key)
+        src.max_pixels = max_pixels
+        if src.label_key is None:
+            raise UsageError(f"{spec} has no ClassLabel feature to evaluate against; name one with --label-key")
+        return src
+    return LabelledFolder(spec, max_pixels)
 
 
 class NpySource(Source):
