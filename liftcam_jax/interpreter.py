@@ -485,6 +485,22 @@ class Trace(NamedTuple):
     is_dep: Callable[[Any], bool]
 
 
+def _live_eqns(jaxpr) -> list:
+    """The equations the outputs need (and effectful ones), in order: dead code is not evaluated.
+
+    A split's head built by running the whole model on a placeholder input
+    (:mod:`liftcam_jax.flax_split`) leaves the front dead; without ``jit`` it
+    would otherwise be computed.
+    """
+    live = {v for v in jaxpr.outvars if not isinstance(v, jcore.Literal)}
+    kept = []
+    for eqn in reversed(jaxpr.eqns):
+        if eqn.effects or any(v in live for v in eqn.outvars if not isinstance(v, jcore.DropVar)):
+            kept.append(eqn)
+            live.update(v for v in eqn.invars if not isinstance(v, jcore.Literal))
+    return kept[::-1]
+
+
 def forward(jaxpr, consts, args, dep_pos, ctx) -> Trace:
     """Evaluate ``jaxpr`` with ``ctx.table``'s rules; ``dep_pos``: input-dependent argument positions."""
     table: RuleTable = ctx.table
@@ -504,7 +520,7 @@ def forward(jaxpr, consts, args, dep_pos, ctx) -> Trace:
             dep.add(v)
 
     steps = []
-    for eqn in jaxpr.eqns:
+    for eqn in _live_eqns(jaxpr):
         ins = [read(v) for v in eqn.invars]
         dep_idx = [i for i, v in enumerate(eqn.invars) if is_dep(v)]
         if not dep_idx:
