@@ -35,12 +35,18 @@ map of the incoming differences:
   arg-max, and ``o - max(o, o_r)``, routed to the reference arg-max; a
   position whose own difference is below ``eps`` takes the plain gradient;
 * calls (``jit``, ``closed_call``, ``remat``, ``custom_vjp_call``, non
-  elementwise ``custom_jvp_call``): interpreted recursively.
+  elementwise ``custom_jvp_call``): interpreted recursively;
+* generic ``reduce_window``/``reduce`` with a max/min/add reducer, ``scan``
+  and ``cond`` with an input-independent index: rewritten into the above
+  (:mod:`liftcam_jax.interpreter`, shared with LRP).
 
+The rules are a table keyed by primitive over the interpreter of
+:mod:`liftcam_jax.interpreter`; :func:`register_rule` adds a user's rule.
 Anything else that depends on the input (a product of two input-dependent
-values, a data-dependent branch, an integer computed from the input) has no
-rescale rule and raises :class:`NoRescaleRule` naming the primitive; this
-module never falls back to gradients silently.
+values, a data-dependent branch, an integer computed from the input, a
+``while`` loop, the ``stop_gradient`` inside ``softmax``) has no rescale
+rule and raises :class:`NoRescaleRule` (a :class:`~liftcam_jax.errors.LiftcamError`)
+naming the primitive; this module never falls back to gradients silently.
 """
 from __future__ import annotations
 
