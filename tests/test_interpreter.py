@@ -199,3 +199,11 @@ def test_a_registered_lrp_rule():
         np.testing.assert_allclose(res.attributions, want.attributions, rtol=1e-5)
     finally:
         lrp.register_rule(jax.lax.mul_p, None)
+
+
+def test_generic_reduce_with_a_max_reducer_is_reduce_max():
+    x = _x((3, 5))
+    f = lambda a: _dense(lax.reduce(a, -jnp.inf, lambda u, v: jnp.maximum(u, v), (1,))[:, None], out=2)
+    g = lambda a: _dense(jnp.max(a, axis=1)[:, None], out=2)
+    np.testing.assert_allclose(deeplift(f, x, None, 1).attributions, deeplift(g, x, None, 1).attributions, rtol=1e-6)
+    np.testing.assert_allclose(lrp.lrp(f, x, 1).attributions, lrp.lrp(g, x, 1).attributions, rtol=1e-6)
