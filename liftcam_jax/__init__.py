@@ -9,6 +9,7 @@ from . import methods, rescale
 from . import lrp, shap  # LRP-epsilon transformation; Shapley values of activation maps
 from .explain import explain, explainer
 from .explanation import Attribution, Explanation, assemble
+from .flax_split import SplitError, linen_split, nnx_split
 from .methods.lift_cam import lift_cam_coefficients
 from .model import Classifier, Preprocess, Split
 from .rescale import NoRescaleRule, deeplift, linearize
@@ -44,6 +45,9 @@ __all__ = [
     "deeplift",
     "explain",
     "explainer",
+    "linen_split",
+    "nnx_split",
+    "SplitError",
     "lift_cam_coefficients",
     "linearize",
     "lrp",

@@ -4,9 +4,10 @@ from __future__ import annotations
 import functools
 
 import jax
+import jax.numpy as jnp
 
 from . import methods as _methods
-from .explanation import Explanation, from_attribution, resolve_targets
+from .explanation import Explanation, check_targets, from_attribution, resolve_targets
 from .model import Split
 
 
@@ -16,7 +17,11 @@ def explain(split: Split, params, x, targets=None, *, method: str = "lift-cam", 
     Pure and jit-able (``split`` and ``method`` are static; close over them or
     use :func:`explainer`). ``x`` is a preprocessed ``(B, H, W, 3)`` batch;
     ``targets`` is ``None`` (the predicted class), one int, or ``(B,)`` ints,
-    so every image in a batch may have its own target.
+    so every image in a batch may have its own target. Concrete targets outside
+    ``[0, C)`` raise :class:`~liftcam_jax.errors.UsageError`; traced ones (when
+    this function runs under ``jit`` with targets as an argument) cannot be
+    checked, and an out-of-range target gives that image NaN maps and
+    coefficients, never a blank map.
 
     Example::
 
@@ -39,11 +44,31 @@ def explainer(split: Split, method: str = "lift-cam", **options):
     """A ``jax.jit``-compiled ``fn(params, x, targets=None, key=None) -> Explanation``.
 
     Parameters are arguments of the compiled program, never constants in it.
+    Concrete targets are checked before the compiled program runs (the number
+    of classes comes from ``jax.eval_shape`` of the model, once per parameter
+    and input shapes): out of range is a one-line
+    :class:`~liftcam_jax.errors.UsageError`. Targets traced by an enclosing
+    ``jit`` cannot be checked; out of range they give NaN maps
+    (:func:`explain`). ``fn.lower`` is the compiled function's.
     """
     _methods.get(method)  # fail early on a bad name
 
     @jax.jit
-    def fn(params, x, targets=None, key=None):
+    def compiled(params, x, targets=None, key=None):
         return explain(split, params, x, targets, method=method, key=key, **options)
 
+    classes = {}
+
+    @functools.wraps(compiled)
+    def fn(params, x, targets=None, key=None):
+        if targets is not None and not isinstance(targets, jax.core.Tracer):
+            sig = (jax.tree_util.tree_structure(params),
+                   tuple((jnp.shape(a), jnp.result_type(a)) for a in jax.tree_util.tree_leaves(params)),
+                   jnp.shape(x), jnp.result_type(x))
+            if sig not in classes:
+                classes[sig] = jax.eval_shape(lambda p, z: split(p, z), params, x).shape[-1]
+            check_targets(targets, classes[sig], jnp.shape(x)[0])
+        return compiled(params, x, targets, key)
+
+    fn.lower = compiled.lower
     return fn

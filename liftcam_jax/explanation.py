@@ -19,6 +19,9 @@ from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from .errors import UsageError
 
 Array = Any
 
@@ -106,35 +109,49 @@ def assemble(activations: Array, weights: Array, size, *, bias: Optional[Array] 
     return normalize(upsample(raw, size)), raw
 
 
+def check_targets(targets, classes: int, batch: int) -> None:
+    """Raise a one-line :class:`UsageError` for concrete targets that cannot be explained.
+
+    Targets must be integers in ``[0, classes)``, one int or one per image.
+    Traced targets (inside ``jit``) cannot be checked here; out of range,
+    they give NaN maps (see :func:`from_attribution`).
+    """
+    if targets is None or isinstance(targets, jax.core.Tracer):
+        return
+    try:
+        concrete = np.asarray(targets)
+    except Exception:  # noqa: BLE001 - not concrete: nothing to check
+        return
+    if concrete.dtype.kind not in "iu":
+        raise UsageError(f"targets must be integers, got {concrete.dtype}")
+    if concrete.ndim not in (0, 1) or (concrete.ndim == 1 and concrete.shape[0] != batch):
+        raise UsageError(f"targets must be one int or one per image ({batch}), got shape {concrete.shape}")
+    bad = concrete[(concrete < 0) | (concrete >= classes)]
+    if bad.size:
+        raise UsageError(f"target index {int(bad.flat[0])} out of range for {classes} classes (valid: 0..{classes - 1})")
+
+
 def resolve_targets(targets, logits: Array) -> Array:
     """``None`` -> predicted class; an int -> that class for every image; else ``(B,)``.
 
-    Concrete targets are checked against the number of classes (``ValueError``).
+    Concrete targets are checked against the number of classes
+    (:func:`check_targets`).
     """
     batch, classes = logits.shape[0], logits.shape[-1]
     if targets is None:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    try:
-        import numpy as np
-
-        concrete = np.asarray(targets)
-    except Exception:  # a tracer: trust it
-        concrete = None
-    if concrete is not None:
-        if concrete.dtype.kind not in "iu":
-            raise ValueError(f"targets must be integers, got {concrete.dtype}")
-        if concrete.size and (concrete.min() < 0 or concrete.max() >= classes):
-            raise ValueError(
-                f"target index {int(concrete.max() if concrete.max() >= classes else concrete.min())} "
-                f"out of range for {classes} classes"
-            )
-        if concrete.ndim not in (0, 1) or (concrete.ndim == 1 and concrete.shape[0] != batch):
-            raise ValueError(f"targets must be one int or one per image ({batch}), got shape {concrete.shape}")
+    check_targets(targets, classes, batch)
     return jnp.broadcast_to(jnp.asarray(targets, jnp.int32), (batch,))
 
 
 def from_attribution(activations: Array, att: Attribution, size, logits: Array, targets: Array) -> Explanation:
-    """Assemble an :class:`Explanation` from a method's :class:`Attribution`."""
+    """Assemble an :class:`Explanation` from a method's :class:`Attribution`.
+
+    An image whose target is not a class index (``t < 0`` or ``t >= C``, only
+    possible for targets traced under ``jit``; concrete ones are refused
+    earlier) gets NaN maps, raw map and coefficients: a one-hot of such a
+    target is all zeros, which would otherwise give a blank map silently.
+    """
     maps, raw = assemble(activations, att.weights, size, bias=att.bias, relu=att.relu)
     coeffs = att.coefficients
     if coeffs is None:
@@ -142,4 +159,7 @@ def from_attribution(activations: Array, att: Attribution, size, logits: Array, 
             coeffs = att.weights
         else:
             coeffs = jnp.sum(att.weights * activations, axis=(1, 2))
-    return Explanation(maps, raw, coeffs, logits, targets, att.reference_logits)
+    valid = (targets >= 0) & (targets < logits.shape[-1])
+    nan_unless = lambda a: jnp.where(valid.reshape((-1,) + (1,) * (a.ndim - 1)), a, jnp.nan)
+    return Explanation(nan_unless(maps), nan_unless(raw), nan_unless(coeffs), logits, targets,
+                       att.reference_logits)

@@ -54,22 +54,17 @@ up to :math:`\epsilon` (likewise for batch norm, written as a ``sub``, a
 """
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 from jax.extend import core as jcore
 
-from .rescale import (
-    _LINEAR,
-    _LINEAR_IN,
-    _bind,
-    _body_is_elementwise,
-    _eqn_fn,
-    _is_float,
-    _sub_jaxpr,
-    classify,
-)
+from . import interpreter
+from .errors import LiftcamError
+from .interpreter import bind as _bind
+from .interpreter import body_is_elementwise as _body_is_elementwise
+from .interpreter import eqn_fn as _eqn_fn
 
 __all__ = [
     "DEFAULT_EPSILON",
@@ -78,6 +73,7 @@ __all__ = [
     "Propagation",
     "lrp",
     "propagate",
+    "register_rule",
     "stabilize",
 ]
 
@@ -85,7 +81,7 @@ DEFAULT_EPSILON = 1e-9
 """Captum's ``EpsilonRule`` default (``PropagationRule.STABILITY_FACTOR``)."""
 
 
-class NoRelevanceRule(NotImplementedError):
+class NoRelevanceRule(LiftcamError, NotImplementedError):
     """Raised when an input-dependent primitive has no LRP rule."""
 
 
@@ -94,12 +90,12 @@ class NoRelevanceRule(NotImplementedError):
 # up to a factor x / stab(x)). A subset of rescale's linear tables.
 _STRUCTURAL = frozenset({
     "reshape", "transpose", "broadcast_in_dim", "squeeze", "expand_dims",
-    "slice", "concatenate", "pad", "convert_element_type", "copy", "copy_p",
+    "slice", "concatenate", "stack", "pad", "convert_element_type", "copy", "copy_p",
     "rev", "reduce_precision", "sharding_constraint", "split",
     "dynamic_update_slice", "squeeze_p", "optimization_barrier", "pvary",
     "mesh_cast", "select_n", "dynamic_slice", "gather",
 })
-assert _STRUCTURAL <= set(_LINEAR) | set(_LINEAR_IN)
+assert _STRUCTURAL <= set(interpreter.LINEAR) | set(interpreter.LINEAR_IN)
 
 
 def stabilize(z, epsilon: float = DEFAULT_EPSILON):
@@ -109,6 +105,7 @@ def stabilize(z, epsilon: float = DEFAULT_EPSILON):
 
 class _Ctx(NamedTuple):
     epsilon: float
+    table: Any = None
 
 
 # ---------------------------------------------------------------------------
@@ -155,17 +152,9 @@ def _pass_through_rule(eqn, ins, dep_idx, ctx):
     return outs, back
 
 
-def _call_rule(eqn, ins, dep_idx, ctx):
-    sub = _sub_jaxpr(eqn.params)
-    if sub is None:
-        raise NoRelevanceRule(f"cannot look inside call primitive {eqn.primitive.name!r}")
-    jaxpr, consts = sub
-    nconsts = len(ins) - len(jaxpr.invars)
-    shift = max(nconsts, 0)
-    sub_dep = [i - shift for i in dep_idx]
-    if any(i < 0 for i in sub_dep):
-        raise NoRelevanceRule(f"input-dependent constants of {eqn.primitive.name!r}")
-    args = ins[shift:]
+def _call(jaxpr, consts, ins, dep_idx, ctx):
+    """Interpret a body on ``ins`` (its last ``len(jaxpr.invars)`` operands)."""
+    args, sub_dep = interpreter.body_args(jaxpr, ins, dep_idx, NoRelevanceRule)
     outs, backward = _interpret(jaxpr, consts, args, set(sub_dep), ctx)
 
     def back(rs):
@@ -175,8 +164,15 @@ def _call_rule(eqn, ins, dep_idx, ctx):
     return outs, back
 
 
+def _call_rule(eqn, ins, dep_idx, ctx):
+    sub = interpreter.sub_jaxpr(eqn.params)
+    if sub is None:
+        raise NoRelevanceRule(f"cannot look inside call primitive {eqn.primitive.name!r}")
+    return _call(*sub, ins, dep_idx, ctx)
+
+
 def _custom_jvp_rule(eqn, ins, dep_idx, ctx):
-    jaxpr, _ = _sub_jaxpr(eqn.params)
+    jaxpr, _ = interpreter.sub_jaxpr(eqn.params)
     if (
         len(dep_idx) == 1
         and len(eqn.outvars) == 1
@@ -187,16 +183,66 @@ def _custom_jvp_rule(eqn, ins, dep_idx, ctx):
     return _call_rule(eqn, ins, dep_idx, ctx)
 
 
-def _rule_for(eqn, ins, dep_idx):
-    kind = classify(eqn, ins, dep_idx, error=NoRelevanceRule, rule="LRP")
-    if kind == "linear":
-        return _structural_rule if eqn.primitive.name in _STRUCTURAL else _epsilon_rule
-    return {
+def _linear_rule(eqn, ins, dep_idx, ctx):
+    rule = _structural_rule if eqn.primitive.name in _STRUCTURAL else _epsilon_rule
+    return rule(eqn, ins, dep_idx, ctx)
+
+
+def _user_rule(rule):
+    """Adapt a public rule ``rule(xs, **params)`` to the interpreter."""
+
+    def wrapped(eqn, ins, dep_idx, ctx):
+        res = rule(list(ins), **eqn.params)
+        if res is None:  # the rule declines: the built-in rule (or its error) applies
+            return _TABLE.builtin_rule(eqn, ins, dep_idx)(eqn, ins, dep_idx, ctx)
+        outs, back = res
+        many = eqn.primitive.multiple_results
+        outs = list(outs) if many else [outs]
+
+        def step(rs):
+            r_in = back(*_fill(outs, rs)) if many else back(_fill(outs, rs)[0])
+            r_in = list(r_in) if isinstance(r_in, (list, tuple)) else [r_in]
+            return [r_in[i] for i in dep_idx]
+
+        return outs, step
+
+    return wrapped
+
+
+def register_rule(primitive, rule: Optional[Callable]):
+    r"""Register an LRP rule for ``primitive`` (a ``jax.extend.core.Primitive`` or its name).
+
+    ``rule(xs, **params) -> (y, back)`` or ``None`` (decline: the built-in
+    rule, or its error, applies). ``xs`` are the equation's operands, ``y`` its
+    output (a list for primitives with several outputs) and ``back(r_y)``
+    returns the relevance of every operand (a list; entries of
+    input-independent operands are ignored). ``rule=None`` removes the rule;
+    the previous one is returned. Example, a gate ``a * g`` of an activation
+    ``a`` and a gate ``g`` computed from it: all relevance to the signal, none
+    to the gate (the "signal-take-all" rule of Arras et al., 2017, for LSTM
+    gates)::
+
+        def gate_rule(xs, **params):
+            a, g = xs
+            return a * g, lambda r: [r, jnp.zeros_like(g)]
+
+        lj.lrp.register_rule(jax.lax.mul_p, gate_rule)
+    """
+    return _TABLE.register(primitive, None if rule is None else _user_rule(rule))
+
+
+_TABLE = interpreter.RuleTable(
+    "LRP",
+    NoRelevanceRule,
+    {
         "custom_jvp": _custom_jvp_rule,
         "call": _call_rule,
+        "linear": _linear_rule,
         "elementwise": _pass_through_rule,
         "chooser": _epsilon_rule,
-    }[kind]
+    },
+    _call,
+)
 
 
 # ---------------------------------------------------------------------------
@@ -210,51 +256,8 @@ def _interpret(jaxpr, consts, args, dep_pos, ctx):
     outputs (a list, ``None`` where an output receives none) to the relevance
     of the arguments (a list, ``None`` where an argument receives none).
     """
-    env, dep = {}, set()
-
-    def read(v):
-        return v.val if isinstance(v, jcore.Literal) else env[v]
-
-    for v, c in zip(jaxpr.constvars, consts):
-        env[v] = c
-    for i, (v, a) in enumerate(zip(jaxpr.invars, args)):
-        env[v] = a
-        if i in dep_pos:
-            dep.add(v)
-
-    def is_dep(v):
-        return not isinstance(v, jcore.Literal) and v in dep
-
-    steps = []
-    for eqn in jaxpr.eqns:
-        ins = [read(v) for v in eqn.invars]
-        dep_idx = [i for i, v in enumerate(eqn.invars) if is_dep(v)]
-        if not dep_idx:
-            outs = _bind(eqn, ins)
-        else:
-            for i in dep_idx:
-                if not _is_float(ins[i]):
-                    raise NoRelevanceRule(
-                        f"primitive {eqn.primitive.name!r} receives an input-dependent "
-                        f"{jnp.result_type(ins[i])} value; LRP needs real-valued paths"
-                    )
-            rule = _rule_for(eqn, ins, dep_idx)
-            outs, back = rule(eqn, ins, dep_idx, ctx)
-            for o, v in zip(outs, eqn.outvars):
-                if isinstance(v, jcore.DropVar):
-                    continue
-                if not _is_float(o):
-                    raise NoRelevanceRule(
-                        f"primitive {eqn.primitive.name!r} computes a {jnp.result_type(o)} "
-                        "value from the input (a data-dependent branch or index has no LRP rule)"
-                    )
-                dep.add(v)
-            steps.append(([eqn.invars[i] for i in dep_idx], eqn.outvars, back))
-        for v, o in zip(eqn.outvars, outs):
-            if not isinstance(v, jcore.DropVar):
-                env[v] = o
-
-    outs = [read(v) for v in jaxpr.outvars]
+    trace = interpreter.forward(jaxpr, consts, args, dep_pos, ctx)
+    is_dep = trace.is_dep
 
     def backward(out_rel):
         renv = {}
@@ -266,7 +269,7 @@ def _interpret(jaxpr, consts, args, dep_pos, ctx):
 
         for v, r in zip(jaxpr.outvars, out_rel):
             add(v, r)
-        for in_vars, out_vars, back in reversed(steps):
+        for in_vars, out_vars, back in reversed(trace.steps):
             rs = [None if isinstance(v, jcore.DropVar) else renv.get(v) for v in out_vars]
             if all(r is None for r in rs):
                 continue  # nothing downstream of this equation is explained
@@ -274,7 +277,7 @@ def _interpret(jaxpr, consts, args, dep_pos, ctx):
                 add(v, r)
         return [renv.get(v) if is_dep(v) else None for v in jaxpr.invars]
 
-    return outs, backward
+    return trace.outs, backward
 
 
 # ---------------------------------------------------------------------------
@@ -314,7 +317,7 @@ def propagate(fun: Callable, x, *, epsilon: float = DEFAULT_EPSILON) -> Propagat
     closed = jax.make_jaxpr(flat_fun)(*flat_x)
     otree = out_tree[-1]
     outs, backward = _interpret(
-        closed.jaxpr, closed.consts, list(flat_x), set(range(len(flat_x))), _Ctx(float(epsilon))
+        closed.jaxpr, closed.consts, list(flat_x), set(range(len(flat_x))), _Ctx(float(epsilon), _TABLE)
     )
 
     def relevance(r_out):

@@ -35,21 +35,30 @@ map of the incoming differences:
   arg-max, and ``o - max(o, o_r)``, routed to the reference arg-max; a
   position whose own difference is below ``eps`` takes the plain gradient;
 * calls (``jit``, ``closed_call``, ``remat``, ``custom_vjp_call``, non
-  elementwise ``custom_jvp_call``): interpreted recursively.
+  elementwise ``custom_jvp_call``): interpreted recursively;
+* generic ``reduce_window``/``reduce`` with a max/min/add reducer, ``scan``
+  and ``cond`` with an input-independent index: rewritten into the above
+  (:mod:`liftcam_jax.interpreter`, shared with LRP).
 
+The rules are a table keyed by primitive over the interpreter of
+:mod:`liftcam_jax.interpreter`; :func:`register_rule` adds a user's rule.
 Anything else that depends on the input (a product of two input-dependent
-values, a data-dependent branch, an integer computed from the input) has no
-rescale rule and raises :class:`NoRescaleRule` naming the primitive; this
-module never falls back to gradients silently.
+values, a data-dependent branch, an integer computed from the input, a
+``while`` loop, the ``stop_gradient`` inside ``softmax``) has no rescale
+rule and raises :class:`NoRescaleRule` (a :class:`~liftcam_jax.errors.LiftcamError`)
+naming the primitive; this module never falls back to gradients silently.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.extend import core as jcore
+
+from . import interpreter
+from .errors import LiftcamError
+from .interpreter import classify
 
 __all__ = [
     "NoRescaleRule",
@@ -57,6 +66,7 @@ __all__ = [
     "linearize",
     "multipliers",
     "nonlinear_primitives",
+    "register_rule",
     "classify",
     "DeepLift",
     "deeplift",
@@ -66,14 +76,14 @@ __all__ = [
 DEFAULT_EPS = 1e-10
 """Below this difference a nonlinearity uses its derivative (Captum's DeepLift default)."""
 
-
-class NoRescaleRule(NotImplementedError):
+class NoRescaleRule(LiftcamError, NotImplementedError):
     """Raised when an input-dependent primitive has no DeepLIFT rule."""
 
 
 class _Ctx(NamedTuple):
     eps: float
     nonlinear: list  # names of the non-affine primitives met, in order
+    table: Any = None  # the rule table (set by linearize)
 
 
 class _Pair(NamedTuple):
@@ -104,32 +114,10 @@ def _ref(u: _Pair):
         return jax.lax.optimization_barrier(jnp.zeros(u.ref.shape, u.ref.dtype))
     return u.ref
 
-
 # ---------------------------------------------------------------------------
-# primitive classes
+# primitive classes (the kinds are shared with LRP: liftcam_jax.interpreter)
 # ---------------------------------------------------------------------------
 
-# Linear in their input-dependent operands (other operands constant).
-_LINEAR = {
-    "add", "add_any", "sub", "neg", "reshape", "transpose", "broadcast_in_dim",
-    "squeeze", "expand_dims", "reduce_sum", "reduce_window_sum", "slice",
-    "concatenate", "pad", "convert_element_type", "copy", "copy_p", "rev",
-    "cumsum", "reduce_precision", "real", "imag", "complex", "conj",
-    "sharding_constraint", "split", "dynamic_update_slice", "squeeze_p",
-    "optimization_barrier", "pvary", "mesh_cast", "psum",
-}
-# Linear only in some operands: name -> indices of operands that may depend on the input.
-_LINEAR_IN = {
-    "mul": None,  # exactly one of the two
-    "dot_general": None,  # exactly one of the two
-    "conv_general_dilated": None,  # exactly one of the two
-    "div": (0,),
-    "select_n": "cases",  # predicate (operand 0) must be constant
-    "dynamic_slice": (0,),
-    "gather": (0,),
-    "scatter-add": (0, 2),
-    "scatter_add": (0, 2),
-}
 # Linear with f(0) = 0 in their input-dependent operands whatever the constant
 # operands are: a zero reference stays zero through them.
 _HOMOGENEOUS = {
@@ -141,88 +129,15 @@ _HOMOGENEOUS = {
     "dynamic_slice", "gather",
 }
 # Zero at zero only when every operand is input-dependent (sums, selections).
-_HOMOGENEOUS_IF_ALL = {"add", "add_any", "sub", "concatenate", "select_n"}
-# Elementwise nonlinearities of one input-dependent operand.
-_ELEMENTWISE = {
-    "max", "min", "exp", "exp2", "log", "log1p", "expm1", "tanh", "logistic",
-    "sin", "cos", "tan", "asin", "acos", "atan", "sinh", "cosh", "asinh",
-    "acosh", "atanh", "sqrt", "rsqrt", "cbrt", "abs", "sign", "floor", "ceil",
-    "round", "integer_pow", "pow", "square", "clamp", "erf", "erfc", "erf_inv",
-    "lgamma", "digamma", "atan2", "rem", "nextafter", "is_finite", "logaddexp",
-}
+_HOMOGENEOUS_IF_ALL = {"add", "add_any", "sub", "concatenate", "stack", "select_n"}
 # Windowed or reduced maxima/minima: Captum's max-pool rule.
 _CHOOSERS = {"reduce_window_max": jnp.maximum, "reduce_max": jnp.maximum,
              "reduce_window_min": jnp.minimum, "reduce_min": jnp.minimum}
-# Calls whose body is interpreted recursively.
-_CALLS = {"jit", "pjit", "closed_call", "core_call", "remat", "remat2",
-          "checkpoint", "custom_vjp_call", "custom_vjp_call_jaxpr", "custom_lin"}
-# Allowed inside a custom_jvp body for it to count as one elementwise function.
-_ELEMENTWISE_BODY = _ELEMENTWISE | {
-    "add", "sub", "mul", "div", "neg", "convert_element_type", "select_n",
-    "gt", "ge", "lt", "le", "eq", "ne", "and", "or", "not", "stop_gradient",
-    "copy", "copy_p", "pjit", "jit",
-}
-
-
-# ---------------------------------------------------------------------------
-# evaluation helpers
-# ---------------------------------------------------------------------------
-
-def _bind(eqn, args):
-    params = eqn.primitive.get_bind_params(eqn.params)
-    if isinstance(params, tuple):  # older JAX: (subfuns, params)
-        subfuns, params = params
-        args = [*subfuns, *args]
-    with eqn.ctx.manager:
-        out = eqn.primitive.bind(*args, **params)
-    return list(out) if eqn.primitive.multiple_results else [out]
-
-
-def _eqn_fn(eqn, ins, dep_idx):
-    """The equation as a function of its input-dependent operands only."""
-
-    def f(*deps):
-        args = list(ins)
-        for i, d in zip(dep_idx, deps):
-            args[i] = d
-        return _bind(eqn, args)
-
-    return f
+assert set(_CHOOSERS) == set(interpreter.CHOOSERS)
 
 
 def _where_small(du, eps):
     return jnp.abs(du) < eps
-
-
-def _is_float(x):
-    return jnp.issubdtype(jnp.result_type(x), jnp.inexact)
-
-
-def _sub_jaxpr(params):
-    for key in ("jaxpr", "call_jaxpr", "fun_jaxpr"):
-        if key in params:
-            j = params[key]
-            if isinstance(j, jcore.ClosedJaxpr):
-                return j.jaxpr, j.consts
-            if isinstance(j, jcore.Jaxpr):
-                return j, ()
-    return None
-
-
-def _body_is_elementwise(jaxpr) -> bool:
-    for eqn in jaxpr.eqns:
-        name = eqn.primitive.name
-        if name in ("pjit", "jit"):
-            sub = _sub_jaxpr(eqn.params)
-            if sub is None or not _body_is_elementwise(sub[0]):
-                return False
-        elif name == "broadcast_in_dim":
-            if any(getattr(v.aval, "shape", ()) != () for v in eqn.invars if not isinstance(v, jcore.Literal)):
-                return False
-        elif name not in _ELEMENTWISE_BODY:
-            return False
-    return True
-
 
 # ---------------------------------------------------------------------------
 # rules: each returns (outputs, tangent_fn) where tangent_fn maps the tangents of
@@ -241,24 +156,14 @@ def _stays_zero(eqn, ins, dep_idx) -> bool:
     if name == "select_n":  # the predicate (operand 0) is constant
         return len(dep_idx) == len(ins) - 1
     if name == "pad":  # zero padding of zeros
-        return dep_idx == [0] and _is_known_zero(ins[1])
+        return dep_idx == [0] and interpreter.is_known(ins[1], 0)
     if name in _HOMOGENEOUS_IF_ALL:
         return len(dep_idx) == len(ins)
     return name in _HOMOGENEOUS
 
 
-def _is_known_zero(x) -> bool:
-    """``x`` is a concrete (not traced) value equal to zero."""
-    if isinstance(x, jax.core.Tracer):
-        return False
-    try:
-        return bool(np.all(np.asarray(x) == 0))
-    except Exception:  # noqa: BLE001 - anything not convertible is not a known zero
-        return False
-
-
 def _linear_rule(eqn, ins, dep_idx, ctx):
-    f = _eqn_fn(eqn, ins, dep_idx)
+    f = interpreter.eqn_fn(eqn, ins, dep_idx)
     vals, lin = jax.linearize(f, *[ins[i].val for i in dep_idx])
     if _stays_zero(eqn, ins, dep_idx):
         refs = _zeros_like_out(eqn)
@@ -287,7 +192,7 @@ def _elementwise_rule(eqn, ins, dep_idx, ctx):
         expand = lambda t: jnp.broadcast_to(t, out_shape)
     else:
         expand = lambda t: t
-    base = _eqn_fn(eqn, ins, dep_idx)
+    base = interpreter.eqn_fn(eqn, ins, dep_idx)
     val, ref, slope = _secant(lambda x: base(x)[0], u, ctx.eps)
     ctx.nonlinear.append(eqn.primitive.name)
     return [_Pair(val, ref)], lambda t: [slope * expand(t)]
@@ -296,7 +201,7 @@ def _elementwise_rule(eqn, ins, dep_idx, ctx):
 def _chooser_rule(eqn, ins, dep_idx, ctx):
     cross = _CHOOSERS[eqn.primitive.name]
     x = ins[0]
-    f = lambda v: _bind(eqn, [v])[0]
+    f = lambda v: interpreter.bind(eqn, [v])[0]
     val, sel_a = jax.linearize(f, x.val)
     x_ref = _ref(x)
     ref, sel_r = jax.linearize(f, x_ref)
@@ -330,22 +235,10 @@ def _windows_hold_data(eqn) -> bool:
 
 
 def _call_rule(eqn, ins, dep_idx, ctx):
-    sub = _sub_jaxpr(eqn.params)
+    sub = interpreter.sub_jaxpr(eqn.params)
     if sub is None:
         raise NoRescaleRule(f"cannot look inside call primitive {eqn.primitive.name!r}")
-    jaxpr, consts = sub
-    nconsts = len(ins) - len(jaxpr.invars)
-    args = ins[nconsts:] if nconsts > 0 else ins
-    outs, program = _interpret(jaxpr, consts, args, ctx)
-    shift = max(nconsts, 0)
-    sub_dep = [i - shift for i in dep_idx]
-    if any(i < 0 for i in sub_dep):
-        raise NoRescaleRule(f"input-dependent constants of {eqn.primitive.name!r}")
-
-    def tangent(*t):
-        return program(dict(zip(sub_dep, t)))
-
-    return outs, tangent
+    return _call(*sub, ins, dep_idx, ctx)
 
 
 def _custom_name(eqn, jaxpr) -> str:
@@ -357,83 +250,114 @@ def _custom_name(eqn, jaxpr) -> str:
 
 
 def _custom_jvp_rule(eqn, ins, dep_idx, ctx):
-    jaxpr, consts = _sub_jaxpr(eqn.params)
+    jaxpr, consts = interpreter.sub_jaxpr(eqn.params)
     out_avals = [v.aval for v in eqn.outvars]
     if (
         len(dep_idx) == 1
         and len(out_avals) == 1
         and tuple(out_avals[0].shape) == tuple(jnp.shape(ins[dep_idx[0]].val))
-        and _body_is_elementwise(jaxpr)
+        and interpreter.body_is_elementwise(jaxpr)
     ):
         # One elementwise function (relu, relu6, softplus...): its own secant
         # slope, and its own derivative (the custom rule) as the fallback.
-        base = _eqn_fn(eqn, ins, dep_idx)
+        base = interpreter.eqn_fn(eqn, ins, dep_idx)
         val, ref, slope = _secant(lambda x: base(x)[0], ins[dep_idx[0]], ctx.eps)
         ctx.nonlinear.append(_custom_name(eqn, jaxpr))
         return [_Pair(val, ref)], lambda t: [slope * t]
     return _call_rule(eqn, ins, dep_idx, ctx)
 
+# ---------------------------------------------------------------------------
+# the rule table and the interpreter
+# ---------------------------------------------------------------------------
 
-def classify(eqn, ins, dep_idx, *, error=NoRescaleRule, rule: str = "DeepLIFT") -> str:
-    """The kind of rule an equation with input-dependent operands ``dep_idx`` needs.
+def _user_rule(rule, name):
+    """Adapt a public rule ``rule(xs, x_refs, **params)`` to the interpreter."""
 
-    One of ``"custom_jvp"``, ``"call"``, ``"linear"`` (affine in its
-    input-dependent operands), ``"elementwise"`` (a nonlinearity of one value)
-    or ``"chooser"`` (max/min pooling). Shared by every jaxpr interpreter of
-    the library (DeepLIFT here, LRP in :mod:`liftcam_jax.lrp`); anything else
-    raises ``error`` naming the primitive.
+    def wrapped(eqn, ins, dep_idx, ctx):
+        dep = set(dep_idx)
+        xs = [ins[i].val if i in dep else ins[i] for i in range(len(ins))]
+        refs = [_ref(ins[i]) if i in dep else ins[i] for i in range(len(ins))]
+        res = rule(xs, refs, **eqn.params)
+        if res is None:  # the rule declines: the built-in rule (or its error) applies
+            return _TABLE.builtin_rule(eqn, ins, dep_idx)(eqn, ins, dep_idx, ctx)
+        outs, out_refs, linear = res
+        if not eqn.primitive.multiple_results:
+            outs, out_refs = [outs], [out_refs]
+        ctx.nonlinear.append(name)
+
+        def tangent(*t):
+            full = [jnp.zeros_like(x) for x in xs]
+            for i, ti in zip(dep_idx, t):
+                full[i] = ti
+            out = linear(*full)
+            return [out] if not eqn.primitive.multiple_results else list(out)
+
+        return [_Pair(o, r) for o, r in zip(outs, out_refs)], tangent
+
+    return wrapped
+
+
+def register_rule(primitive, rule: Optional[Callable]):
+    r"""Register a DeepLIFT rule for ``primitive`` (a ``jax.extend.core.Primitive`` or its name).
+
+    ``rule(xs, x_refs, **params) -> (y, y_ref, linear)`` or ``None``:
+
+    * ``xs`` / ``x_refs``: the equation's operands at the actual and at the
+      reference input (an input-independent operand is the same in both);
+      ``params``: the equation's parameters.
+    * ``y`` / ``y_ref``: the output at both points (lists for primitives with
+      several outputs).
+    * ``linear(*dxs)``: a *linear* map from one difference per operand (zeros
+      for input-independent operands) to the output difference. DeepLIFT's
+      summation-to-delta needs ``linear(*(x - x_ref)) == y - y_ref``.
+    * returning ``None`` declines: the built-in rule applies (or its error).
+
+    A registered rule takes precedence over the built-in one; ``rule=None``
+    removes it. Returns the rule registered before (or ``None``).
+
+    Example, a squeeze-excitation gate ``x * sigmoid(s(x))`` multiplies two
+    activations, which no built-in rule explains. The product's difference
+    splits exactly into :math:`\Delta(ab) = \bar b\,\Delta a + \bar a\,\Delta b`
+    with the averages :math:`\bar a = (a + a_{ref})/2` (the Shapley split of a
+    product of two players)::
+
+        def product_rule(xs, refs, **params):
+            (a, b), (ar, br) = xs, refs
+            if a is ar or b is br:
+                return None                        # one constant factor: built-in rule
+            return a * b, ar * br, lambda da, db: (b + br) / 2 * da + (a + ar) / 2 * db
+
+        lj.rescale.register_rule(jax.lax.mul_p, product_rule)
     """
-    name = eqn.primitive.name
-    if name == "custom_jvp_call":
-        return "custom_jvp"
-    if name in _CALLS or (_sub_jaxpr(eqn.params) is not None and name not in _LINEAR_IN):
-        return "call"
-    if name in _LINEAR:
-        return "linear"
-    if name in _LINEAR_IN:
-        allowed = _LINEAR_IN[name]
-        if allowed is None:
-            if len(dep_idx) == 1:
-                return "linear"
-            raise error(
-                f"no {rule} rule for {name!r} of two input-dependent values "
-                "(a product of activations is not linear in the input)"
-            )
-        if allowed == "cases":
-            allowed = tuple(range(1, len(ins)))
-        if set(dep_idx) <= set(allowed):
-            return "linear"
-        raise error(
-            f"no {rule} rule for {name!r} with an input-dependent operand in position "
-            f"{sorted(set(dep_idx) - set(allowed))} (e.g. a data-dependent branch or index)"
-        )
-    if name in _ELEMENTWISE:
-        if len(dep_idx) == 1:
-            return "elementwise"
-        raise error(
-            f"no {rule} rule for {name!r} of {len(dep_idx)} input-dependent values "
-            "(the rule is defined for elementwise functions of one value)"
-        )
-    if name in _CHOOSERS:
-        if dep_idx == [0] and len(ins) == 1:
-            return "chooser"
-        raise error(f"no {rule} rule for {name!r} with these operands")
-    raise error(f"no {rule} rule for primitive {name!r} applied to an input-dependent value")
+    return _TABLE.register(primitive, None if rule is None else _user_rule(rule, interpreter.primitive_name(primitive)))
 
 
-def _rule_for(eqn, ins, dep_idx):
-    return {
+def _call(jaxpr, consts, ins, dep_idx, ctx):
+    """Interpret a body on ``ins`` (its last ``len(jaxpr.invars)`` operands)."""
+    args, sub_dep = interpreter.body_args(jaxpr, ins, dep_idx, NoRescaleRule)
+    outs, program = _interpret(jaxpr, consts, args, ctx)
+
+    def tangent(*t):
+        return program(dict(zip(sub_dep, t)))
+
+    return outs, tangent
+
+
+_TABLE = interpreter.RuleTable(
+    "DeepLIFT",
+    NoRescaleRule,
+    {
         "custom_jvp": _custom_jvp_rule,
         "call": _call_rule,
         "linear": _linear_rule,
         "elementwise": _elementwise_rule,
         "chooser": _chooser_rule,
-    }[classify(eqn, ins, dep_idx)]
+    },
+    _call,
+    primal=lambda v: v.val if isinstance(v, _Pair) else v,
+    depends=lambda v: isinstance(v, _Pair),
+)
 
-
-# ---------------------------------------------------------------------------
-# the interpreter
-# ---------------------------------------------------------------------------
 
 def _interpret(jaxpr, consts, args, ctx):
     """Evaluate ``jaxpr`` on constants and ``_Pair``s.
@@ -442,60 +366,22 @@ def _interpret(jaxpr, consts, args, ctx):
     program: a function from ``{input position: tangent}`` to the list of
     output tangents (``None`` for outputs that do not depend on the input).
     """
-    env = {}
-
-    def read(v):
-        return v.val if isinstance(v, jcore.Literal) else env[v]
-
-    for v, c in zip(jaxpr.constvars, consts):
-        env[v] = c
-    for v, a in zip(jaxpr.invars, args):
-        env[v] = a
-
-    steps = []
-    for eqn in jaxpr.eqns:
-        ins = [read(v) for v in eqn.invars]
-        dep_idx = [i for i, a in enumerate(ins) if isinstance(a, _Pair)]
-        if not dep_idx:
-            outs = _bind(eqn, ins)
-        else:
-            for i in dep_idx:
-                if not _is_float(ins[i].val):
-                    raise NoRescaleRule(
-                        f"primitive {eqn.primitive.name!r} receives an input-dependent "
-                        f"{jnp.result_type(ins[i].val)} value; DeepLIFT needs real-valued paths"
-                    )
-            rule = _rule_for(eqn, ins, dep_idx)
-            outs, tangent = rule(eqn, ins, dep_idx, ctx)
-            for o, v in zip(outs, eqn.outvars):
-                if isinstance(o, _Pair) and not _is_float(o.val) and not isinstance(v, jcore.DropVar):
-                    raise NoRescaleRule(
-                        f"primitive {eqn.primitive.name!r} computes a {jnp.result_type(o.val)} "
-                        "value from the input (a data-dependent branch or index has no rescale rule)"
-                    )
-            steps.append(([eqn.invars[i] for i in dep_idx], eqn.outvars, tangent))
-        for v, o in zip(eqn.outvars, outs):
-            if not isinstance(v, jcore.DropVar):
-                env[v] = o
-
-    outs = [read(v) for v in jaxpr.outvars]
+    dep_pos = {i for i, a in enumerate(args) if isinstance(a, _Pair)}
+    trace = interpreter.forward(jaxpr, consts, args, dep_pos, ctx)
     invars = list(jaxpr.invars)
 
     def program(in_tangents: dict):
         tenv = {}
         for pos, t in in_tangents.items():
             tenv[invars[pos]] = t
-        for in_vars, out_vars, tangent in steps:
+        for in_vars, out_vars, tangent in trace.steps:
             touts = tangent(*[tenv[v] for v in in_vars])
             for v, t in zip(out_vars, touts):
                 if not isinstance(v, jcore.DropVar):
                     tenv[v] = t
-        return [
-            None if isinstance(v, jcore.Literal) else tenv.get(v)
-            for v in jaxpr.outvars
-        ]
+        return [None if isinstance(v, jcore.Literal) else tenv.get(v) for v in jaxpr.outvars]
 
-    return outs, program
+    return trace.outs, program
 
 
 # ---------------------------------------------------------------------------
@@ -561,7 +447,7 @@ def linearize(fun: Callable, x, x_ref=None, *, eps: float = DEFAULT_EPS) -> Line
 
     closed = jax.make_jaxpr(flat_fun)(*flat_x)
     otree = out_tree[-1]
-    ctx = _Ctx(eps, [])
+    ctx = _Ctx(eps, [], _TABLE)
     outs, program = _interpret(
         closed.jaxpr, closed.consts, [_Pair(a, r) for a, r in zip(flat_x, flat_r)], ctx
     )

@@ -1,0 +1,551 @@
+r"""One jaxpr interpreter for the library's attribution rules (DeepLIFT and LRP).
+
+A rule transformation (:mod:`liftcam_jax.rescale`, :mod:`liftcam_jax.lrp`)
+is a :class:`RuleTable`: rules keyed by primitive, the way
+``jax/_src/interpreters/ad.py`` keys transposes (``primitive_transposes[p] =
+rule``). :func:`forward` walks a jaxpr once, in order:
+
+* an equation none of whose operands depends on the input is evaluated as is;
+* otherwise its primitive's rule runs: ``rule(eqn, ins, dep_idx, ctx) ->
+  (outs, step)``, where ``ins`` are the operands (the table's own values for
+  input-dependent ones, e.g. DeepLIFT's (actual, reference) pairs),
+  ``dep_idx`` the positions of the input-dependent operands, and ``step`` what
+  the transformation replays afterwards (DeepLIFT: a linear map of the
+  operands' differences, run forwards; LRP: a relevance redistribution, run
+  backwards).
+
+The rule of a primitive is found in this order: the table's per-primitive
+entries (rules users register with ``register_rule``, then the built-in
+rewrites and refusals below), then its *kind* (:func:`classify`: ``linear``,
+``elementwise``, ``chooser``, ``call``, ``custom_jvp``), whose rule each table
+defines. A primitive with no rule raises the table's error naming it; nothing
+falls back to gradients.
+
+*Rewrites* shared by every table. Some primitives are rewritten into an
+equivalent jaxpr of primitives that have rules, which is then interpreted as a
+call (the rewritten function is traced from the operands' abstract values, so
+nothing is computed twice):
+
+* ``reduce_window`` / ``reduce`` with a one-equation ``max``, ``min`` or
+  ``add`` reducer (what ``lax.reduce_window(x, init, lambda a, b: ...)``
+  produces): pad with ``init`` (``lax.pad``, linear), the specialised window
+  reduction without padding, then combine with ``init``:
+  :math:`\max(\mathrm{init}, \max_w x)` or :math:`\mathrm{init} + \sum_w x`;
+* ``scan`` with a static length (``lax.scan``, ``lax.fori_loop`` with static
+  bounds): unrolled, :math:`c_{i+1}, y_i = \mathrm{body}(c_i, x_i)`, the
+  ``y_i`` stacked (at most :data:`MAX_UNROLL` steps);
+* ``cond`` with an input-independent index (``lax.cond``, ``lax.switch``):
+  every branch evaluated and the outputs selected by the index
+  (``select_n``), so each transformation sees exactly the chosen branch's
+  rule; a concrete index takes its branch only.
+
+Refused with the primitive named: ``while`` (a trip count decided by values),
+``stop_gradient`` of an input-dependent value (the max-shift of
+``softmax``/``log_softmax``: explain the logits), ``log_softmax``/``softmax``
+calls, and any other primitive that carries a jaxpr but is not a known call.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.extend import core as jcore
+
+__all__ = [
+    "MAX_UNROLL",
+    "RuleTable",
+    "classify",
+    "forward",
+    "primitive_name",
+]
+
+MAX_UNROLL = 1024
+"""The longest ``scan`` the interpreters unroll; a longer one is refused."""
+
+# ---------------------------------------------------------------------------
+# primitive classes
+# ---------------------------------------------------------------------------
+
+# Linear in their input-dependent operands (other operands constant).
+LINEAR = frozenset({
+    "add", "add_any", "sub", "neg", "reshape", "transpose", "broadcast_in_dim",
+    "squeeze", "expand_dims", "reduce_sum", "reduce_window_sum", "slice",
+    "concatenate", "stack", "pad", "convert_element_type", "copy", "copy_p", "rev",
+    "cumsum", "reduce_precision", "real", "imag", "complex", "conj",
+    "sharding_constraint", "split", "dynamic_update_slice", "squeeze_p",
+    "optimization_barrier", "pvary", "mesh_cast", "psum",
+})
+# Linear only in some operands: name -> indices of operands that may depend on the input.
+LINEAR_IN = {
+    "mul": None,  # exactly one of the two
+    "dot_general": None,  # exactly one of the two
+    "conv_general_dilated": None,  # exactly one of the two
+    "div": (0,),
+    "select_n": "cases",  # predicate (operand 0) must be constant
+    "dynamic_slice": (0,),
+    "gather": (0,),
+    "scatter-add": (0, 2),
+    "scatter_add": (0, 2),
+}
+# Elementwise nonlinearities of one input-dependent operand.
+ELEMENTWISE = frozenset({
+    "max", "min", "exp", "exp2", "log", "log1p", "expm1", "tanh", "logistic",
+    "sin", "cos", "tan", "asin", "acos", "atan", "sinh", "cosh", "asinh",
+    "acosh", "atanh", "sqrt", "rsqrt", "cbrt", "abs", "sign", "floor", "ceil",
+    "round", "integer_pow", "pow", "square", "clamp", "erf", "erfc", "erf_inv",
+    "lgamma", "digamma", "atan2", "rem", "nextafter", "is_finite", "logaddexp",
+})
+# Windowed or reduced maxima/minima: the max-pool rules.
+CHOOSERS = frozenset({"reduce_window_max", "reduce_max", "reduce_window_min", "reduce_min"})
+# Calls whose body is interpreted recursively.
+CALLS = frozenset({"jit", "pjit", "closed_call", "core_call", "remat", "remat2",
+                   "checkpoint", "custom_vjp_call", "custom_vjp_call_jaxpr", "custom_lin"})
+# Allowed inside a custom_jvp body for it to count as one elementwise function.
+ELEMENTWISE_BODY = ELEMENTWISE | {
+    "add", "sub", "mul", "div", "neg", "convert_element_type", "select_n",
+    "gt", "ge", "lt", "le", "eq", "ne", "and", "or", "not", "stop_gradient",
+    "copy", "copy_p", "pjit", "jit",
+}
+# Functions refused by name when met as a named call (``jit[name=...]``).
+SOFTMAX_NAMES = frozenset({"softmax", "log_softmax", "_softmax", "_log_softmax"})
+SOFTMAX_ADVICE = (
+    "softmax and log_softmax are not explained by attribution rules (their outputs "
+    "compete through a shared normaliser); explain the logits: end the head before the softmax"
+)
+
+
+def primitive_name(primitive) -> str:
+    """The table key of ``primitive``: a ``jax.extend.core.Primitive`` or its name."""
+    if isinstance(primitive, str):
+        return primitive
+    name = getattr(primitive, "name", None)
+    if not isinstance(name, str):
+        raise TypeError(f"expected a JAX primitive or its name, got {primitive!r}")
+    return name
+
+
+# ---------------------------------------------------------------------------
+# evaluation helpers
+# ---------------------------------------------------------------------------
+
+def bind(eqn, args):
+    """Evaluate one equation on ``args`` (a list of its outputs)."""
+    params = eqn.primitive.get_bind_params(eqn.params)
+    if isinstance(params, tuple):  # older JAX: (subfuns, params)
+        subfuns, params = params
+        args = [*subfuns, *args]
+    with eqn.ctx.manager:
+        out = eqn.primitive.bind(*args, **params)
+    return list(out) if eqn.primitive.multiple_results else [out]
+
+
+def eqn_fn(eqn, ins, dep_idx):
+    """The equation as a function of its input-dependent operands only."""
+
+    def f(*deps):
+        args = list(ins)
+        for i, d in zip(dep_idx, deps):
+            args[i] = d
+        return bind(eqn, args)
+
+    return f
+
+
+def is_float(x) -> bool:
+    return jnp.issubdtype(jnp.result_type(x), jnp.inexact)
+
+
+def sub_jaxpr(params):
+    """``(jaxpr, consts)`` of a call equation's body, or ``None``."""
+    for key in ("jaxpr", "call_jaxpr", "fun_jaxpr"):
+        if key in params:
+            j = params[key]
+            if isinstance(j, jcore.ClosedJaxpr):
+                return j.jaxpr, j.consts
+            if isinstance(j, jcore.Jaxpr):
+                return j, ()
+    return None
+
+
+def body_is_elementwise(jaxpr) -> bool:
+    """Whether a ``custom_jvp`` body is one elementwise function (relu, relu6, softplus, ...)."""
+    for eqn in jaxpr.eqns:
+        name = eqn.primitive.name
+        if name in ("pjit", "jit"):
+            sub = sub_jaxpr(eqn.params)
+            if sub is None or not body_is_elementwise(sub[0]):
+                return False
+        elif name == "broadcast_in_dim":
+            if any(getattr(v.aval, "shape", ()) != () for v in eqn.invars if not isinstance(v, jcore.Literal)):
+                return False
+        elif name not in ELEMENTWISE_BODY:
+            return False
+    return True
+
+
+def is_known(x, value) -> bool:
+    """``x`` is a concrete (not traced) value equal to ``value`` everywhere."""
+    if isinstance(x, jax.core.Tracer):
+        return False
+    try:
+        return bool(np.all(np.asarray(x) == value))
+    except Exception:  # noqa: BLE001 - anything not convertible is not known
+        return False
+
+
+def body_args(jaxpr, ins, dep_idx, error):
+    """A call's operands as its body's arguments: ``(args, dep_idx in the body)``.
+
+    A call's leading operands beyond the body's arguments are its constants;
+    they may not depend on the input.
+    """
+    shift = max(len(ins) - len(jaxpr.invars), 0)
+    sub_dep = [i - shift for i in dep_idx]
+    if any(i < 0 for i in sub_dep):
+        raise error("input-dependent constants of a call")
+    return ins[shift:], sub_dep
+
+
+def _has_sub_jaxpr(params) -> bool:
+    return any(isinstance(p, (jcore.ClosedJaxpr, jcore.Jaxpr)) for p in params.values()) or any(
+        isinstance(p, (tuple, list)) and any(isinstance(q, (jcore.ClosedJaxpr, jcore.Jaxpr)) for q in p)
+        for p in params.values()
+    )
+
+
+# ---------------------------------------------------------------------------
+# classification
+# ---------------------------------------------------------------------------
+
+_KIND: Dict[str, str] = {
+    **{n: "call" for n in CALLS},
+    **{n: "linear" for n in LINEAR},
+    **{n: "linear" for n in LINEAR_IN},
+    **{n: "elementwise" for n in ELEMENTWISE},
+    **{n: "chooser" for n in CHOOSERS},
+    "custom_jvp_call": "custom_jvp",
+}
+
+
+def classify(eqn, ins, dep_idx, *, error=NotImplementedError, rule: str = "DeepLIFT") -> str:
+    """The kind of rule an equation with input-dependent operands ``dep_idx`` needs.
+
+    One of ``"custom_jvp"``, ``"call"``, ``"linear"`` (affine in its
+    input-dependent operands), ``"elementwise"`` (a nonlinearity of one value)
+    or ``"chooser"`` (max/min pooling), looked up by primitive name; the
+    operand positions are checked. Anything else raises ``error`` naming the
+    primitive.
+    """
+    name = eqn.primitive.name
+    kind = _KIND.get(name)
+    register = f"(register one with liftcam_jax.{'rescale' if rule == 'DeepLIFT' else 'lrp'}.register_rule)"
+    if kind is None:
+        what = "a primitive with a body" if _has_sub_jaxpr(eqn.params) else "primitive"
+        raise error(f"no {rule} rule for {what} {name!r} applied to an input-dependent value {register}")
+    if kind == "call" and name in ("jit", "pjit") and eqn.params.get("name") in SOFTMAX_NAMES:
+        raise error(f"no {rule} rule for {eqn.params['name']!r}: {SOFTMAX_ADVICE}")
+    if kind == "linear" and name in LINEAR_IN:
+        allowed = LINEAR_IN[name]
+        if allowed is None:
+            if len(dep_idx) == 1:
+                return kind
+            raise error(
+                f"no {rule} rule for {name!r} of two input-dependent values "
+                f"(a product of activations is not linear in the input) {register}"
+            )
+        if allowed == "cases":
+            allowed = tuple(range(1, len(ins)))
+        if set(dep_idx) <= set(allowed):
+            return kind
+        raise error(
+            f"no {rule} rule for {name!r} with an input-dependent operand in position "
+            f"{sorted(set(dep_idx) - set(allowed))} (e.g. a data-dependent branch or index)"
+        )
+    if kind == "elementwise" and len(dep_idx) != 1:
+        raise error(
+            f"no {rule} rule for {name!r} of {len(dep_idx)} input-dependent values "
+            f"(the rule is defined for elementwise functions of one value) {register}"
+        )
+    if kind == "chooser" and not (dep_idx == [0] and len(ins) == 1):
+        raise error(f"no {rule} rule for {name!r} with these operands")
+    return kind
+
+
+# ---------------------------------------------------------------------------
+# rewrites: an equation as an equivalent jaxpr of primitives with rules
+# ---------------------------------------------------------------------------
+
+def _reducer(eqn) -> Optional[str]:
+    """``"max"``, ``"min"`` or ``"add"`` for a one-operand reduction with that reducer."""
+    j = eqn.params.get("jaxpr")
+    j = j.jaxpr if isinstance(j, jcore.ClosedJaxpr) else j
+    if not isinstance(j, jcore.Jaxpr) or len(eqn.invars) != 2 or len(j.eqns) != 1:
+        return None
+    (e,) = j.eqns
+    if e.primitive.name not in ("max", "min", "add") or list(j.outvars) != list(e.outvars):
+        return None
+    if set(map(id, e.invars)) != set(map(id, j.invars)) or len(j.invars) != 2:
+        return None
+    return e.primitive.name
+
+
+def _checked_reducer(eqn, dep_idx, error, rule) -> str:
+    op = _reducer(eqn)
+    if op is None or dep_idx != [0]:
+        raise error(
+            f"no {rule} rule for primitive {eqn.primitive.name!r} with this reducer "
+            "(rules exist for one operand reduced by max, min or add with a constant init)"
+        )
+    return op
+
+
+_IDENTITY = {"max": -np.inf, "min": np.inf, "add": 0.0}
+_COMBINE = {"max": jnp.maximum, "min": jnp.minimum, "add": jnp.add}
+_WINDOWED = {"max": jax.lax.reduce_window_max_p, "min": jax.lax.reduce_window_min_p,
+             "add": jax.lax.reduce_window_sum_p}
+
+
+def _reduce_window_fn(eqn, ins, dep_idx, error, rule):
+    op = _checked_reducer(eqn, dep_idx, error, rule)
+    p = eqn.params
+    nd = len(p["window_dimensions"])
+    cfg = [(lo, hi, d - 1) for (lo, hi), d in zip(p["padding"], p["base_dilation"])]
+    pads = any(c != (0, 0, 0) for c in cfg)
+    identity_init = is_known(ins[1], _IDENTITY[op])
+
+    def fn(x, init):
+        init = init.astype(x.dtype)
+        if pads:
+            x = jax.lax.pad(x, init, cfg)
+        r = _WINDOWED[op].bind(x, window_dimensions=tuple(p["window_dimensions"]),
+                               window_strides=tuple(p["window_strides"]), padding=((0, 0),) * nd,
+                               base_dilation=(1,) * nd, window_dilation=tuple(p["window_dilation"]))
+        return [r if identity_init else _COMBINE[op](r, init)]
+
+    return fn
+
+
+def _reduce_fn(eqn, ins, dep_idx, error, rule):
+    op = _checked_reducer(eqn, dep_idx, error, rule)
+    axes = tuple(eqn.params["dimensions"])
+    identity_init = is_known(ins[1], _IDENTITY[op])
+    reduce = {"max": jnp.max, "min": jnp.min, "add": jnp.sum}[op]
+
+    def fn(x, init):
+        r = reduce(x, axis=axes)
+        return [r if identity_init else _COMBINE[op](r, init.astype(x.dtype))]
+
+    return fn
+
+
+def _scan_fn(eqn, ins, dep_idx, error, rule):
+    p = eqn.params
+    n, nc, ncar = int(p["length"]), p["num_consts"], p["num_carry"]
+    if n > MAX_UNROLL:
+        raise error(
+            f"no {rule} rule for primitive 'scan' of length {n} (the interpreters unroll "
+            f"scans of at most {MAX_UNROLL} steps; write a shorter loop)"
+        )
+    body = jcore.jaxpr_as_fun(p["jaxpr"])
+    out_avals = [v.aval for v in eqn.outvars]
+
+    def fn(*args):
+        consts, carry, xs = args[:nc], list(args[nc:nc + ncar]), args[nc + ncar:]
+        ys = []
+        for i in (reversed(range(n)) if p["reverse"] else range(n)):
+            out = body(*consts, *carry, *[x[i] for x in xs])
+            carry, y = list(out[:ncar]), out[ncar:]
+            ys.append(y)
+        if p["reverse"]:
+            ys = ys[::-1]
+        stacked = [
+            jnp.concatenate([y[k][None] for y in ys]) if ys else jnp.zeros(a.shape, a.dtype)
+            for k, a in enumerate(out_avals[ncar:])
+        ]
+        return [*carry, *stacked]
+
+    return fn
+
+
+def _cond_fn(eqn, ins, dep_idx, error, rule):
+    if 0 in dep_idx:
+        raise error(f"no {rule} rule for primitive 'cond' whose branch index depends on the input")
+    branches = [jcore.jaxpr_as_fun(b) for b in eqn.params["branches"]]
+    index = ins[0]
+    chosen = None
+    if not isinstance(index, jax.core.Tracer):
+        try:
+            chosen = int(np.clip(np.asarray(index), 0, len(branches) - 1))
+        except Exception:  # noqa: BLE001 - not concrete
+            chosen = None
+
+    def fn(idx, *ops):
+        if chosen is not None:
+            return list(branches[chosen](*ops))
+        outs = [branches[b](*ops) for b in range(len(branches))]
+        idx = jnp.clip(idx, 0, len(branches) - 1).astype(jnp.int32)
+        return [jax.lax.select_n(idx, *[o[k] for o in outs]) for k in range(len(outs[0]))]
+
+    return fn
+
+
+def _while_refusal(eqn, ins, dep_idx, error, rule):
+    raise error(
+        f"no {rule} rule for primitive 'while' (a loop whose trip count is decided at run "
+        "time); write it as a Python loop or lax.scan/fori_loop with static bounds"
+    )
+
+
+def _stop_gradient_refusal(eqn, ins, dep_idx, error, rule):
+    raise error(
+        f"no {rule} rule for primitive 'stop_gradient' of an input-dependent value: this is "
+        f"the max-shift inside softmax / log_softmax; {SOFTMAX_ADVICE}"
+    )
+
+
+REWRITES = {
+    "reduce_window": _reduce_window_fn,
+    "reduce": _reduce_fn,
+    "scan": _scan_fn,
+    "cond": _cond_fn,
+    "while": _while_refusal,
+    "stop_gradient": _stop_gradient_refusal,
+}
+"""Primitive name -> ``maker(eqn, ins, dep_idx, error, rule) -> fn`` (or raises)."""
+
+
+def _rewrite_rule(maker):
+    def rule(eqn, ins, dep_idx, ctx):
+        table = ctx.table
+        fn = maker(eqn, ins, dep_idx, table.error, table.rule_name)
+        avals = [jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype) for v in eqn.invars]
+        closed = jax.make_jaxpr(fn)(*avals)
+        return table.call(closed.jaxpr, closed.consts, ins, dep_idx, ctx)
+
+    return rule
+
+
+# ---------------------------------------------------------------------------
+# rule tables and the interpreter
+# ---------------------------------------------------------------------------
+
+class RuleTable:
+    """Rules keyed by primitive name, plus one rule per kind (see :func:`classify`).
+
+    Args:
+      rule_name: what the rules are called in errors (``"DeepLIFT"``, ``"LRP"``).
+      error: the exception raised for a primitive without a rule.
+      kinds: ``{kind: rule}`` for ``linear``, ``elementwise``, ``chooser``,
+        ``call`` and ``custom_jvp``.
+      call: ``call(jaxpr, consts, ins, dep_idx, ctx) -> (outs, step)``, how this
+        transformation interprets a body (used by calls and rewrites).
+      primal: the array a dependent value stands for (for dtype checks).
+      depends: whether a rule's output value depends on the input.
+    """
+
+    def __init__(self, rule_name: str, error, kinds: Dict[str, Callable], call: Callable,
+                 primal: Callable = lambda v: v, depends: Callable = lambda v: True):
+        self.rule_name = rule_name
+        self.error = error
+        self.kinds = dict(kinds)
+        self.call = call
+        self.primal = primal
+        self.depends = depends
+        self.builtin: Dict[str, Callable] = {name: _rewrite_rule(m) for name, m in REWRITES.items()}
+        self.user: Dict[str, Callable] = {}
+
+    def register(self, primitive, rule: Optional[Callable]):
+        """Set (or with ``None`` remove) the rule of ``primitive``; returns the previous one."""
+        name = primitive_name(primitive)
+        previous = self.user.pop(name, None)
+        if rule is not None:
+            if not callable(rule):
+                raise TypeError(f"a rule must be callable, got {rule!r}")
+            self.user[name] = rule
+        return previous
+
+    def builtin_rule(self, eqn, ins, dep_idx) -> Callable:
+        name = eqn.primitive.name
+        if name in self.builtin:
+            return self.builtin[name]
+        return self.kinds[classify(eqn, ins, dep_idx, error=self.error, rule=self.rule_name)]
+
+    def lookup(self, eqn, ins, dep_idx) -> Callable:
+        user = self.user.get(eqn.primitive.name)
+        return user if user is not None else self.builtin_rule(eqn, ins, dep_idx)
+
+
+class Trace(NamedTuple):
+    """What :func:`forward` returns: outputs, the rules' steps, and the dependence test."""
+
+    outs: list
+    steps: list  # (input-dependent in_vars, out_vars, step) per interpreted equation
+    is_dep: Callable[[Any], bool]
+
+
+def _live_eqns(jaxpr) -> list:
+    """The equations the outputs need (and effectful ones), in order: dead code is not evaluated.
+
+    A split's head built by running the whole model on a placeholder input
+    (:mod:`liftcam_jax.flax_split`) leaves the front dead; without ``jit`` it
+    would otherwise be computed.
+    """
+    live = {v for v in jaxpr.outvars if not isinstance(v, jcore.Literal)}
+    kept = []
+    for eqn in reversed(jaxpr.eqns):
+        if eqn.effects or any(v in live for v in eqn.outvars if not isinstance(v, jcore.DropVar)):
+            kept.append(eqn)
+            live.update(v for v in eqn.invars if not isinstance(v, jcore.Literal))
+    return kept[::-1]
+
+
+def forward(jaxpr, consts, args, dep_pos, ctx) -> Trace:
+    """Evaluate ``jaxpr`` with ``ctx.table``'s rules; ``dep_pos``: input-dependent argument positions."""
+    table: RuleTable = ctx.table
+    env, dep = {}, set()
+
+    def read(v):
+        return v.val if isinstance(v, jcore.Literal) else env[v]
+
+    def is_dep(v):
+        return not isinstance(v, jcore.Literal) and v in dep
+
+    for v, c in zip(jaxpr.constvars, consts):
+        env[v] = c
+    for i, (v, a) in enumerate(zip(jaxpr.invars, args)):
+        env[v] = a
+        if i in dep_pos:
+            dep.add(v)
+
+    steps = []
+    for eqn in _live_eqns(jaxpr):
+        ins = [read(v) for v in eqn.invars]
+        dep_idx = [i for i, v in enumerate(eqn.invars) if is_dep(v)]
+        if not dep_idx:
+            outs = bind(eqn, ins)
+        else:
+            name = eqn.primitive.name
+            for i in dep_idx:
+                if not is_float(table.primal(ins[i])):
+                    raise table.error(
+                        f"primitive {name!r} receives an input-dependent "
+                        f"{jnp.result_type(table.primal(ins[i]))} value; {table.rule_name} needs real-valued paths"
+                    )
+            outs, step = table.lookup(eqn, ins, dep_idx)(eqn, ins, dep_idx, ctx)
+            for o, v in zip(outs, eqn.outvars):
+                if isinstance(v, jcore.DropVar) or not table.depends(o):
+                    continue
+                if not is_float(table.primal(o)):
+                    raise table.error(
+                        f"primitive {name!r} computes a {jnp.result_type(table.primal(o))} value "
+                        f"from the input (a data-dependent branch or index has no {table.rule_name} rule)"
+                    )
+                dep.add(v)
+            steps.append(([eqn.invars[i] for i in dep_idx], eqn.outvars, step))
+        for v, o in zip(eqn.outvars, outs):
+            if not isinstance(v, jcore.DropVar):
+                env[v] = o
+
+    return Trace([read(v) for v in jaxpr.outvars], steps, is_dep)
