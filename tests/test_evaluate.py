@@ -20,6 +20,7 @@ import fake_zoo  # noqa: E402
 
 from liftcam_jax import explain, metrics  # noqa: E402
 from liftcam_jax.commands import evaluate as ev  # noqa: E402
+from liftcam_jax import methods as lj_methods  # noqa: E402
 from liftcam_jax.data import decode_image  # noqa: E402
 
 SHAPES = [(40, 50), (36, 36), (60, 45), (32, 40)]
@@ -192,7 +193,7 @@ def test_all_methods_skip_cam_where_the_head_is_not_linear(data, capsys, tmp_pat
     assert rc == 0, err
     res = json.loads((out / "results.json").read_text())
     assert "cam" not in res["aggregate"]
-    assert set(res["aggregate"]) == set(m for m in ev._methods.names() if m != "cam")
+    assert set(res["aggregate"]) == set(m for m in lj_methods.names() if m != "cam")
     assert "cam skipped" in (out / "results.md").read_text()
     rc, err = cli(["--data", data, "--model", "tiny", "--layer", "conv1", "--methods", "cam", "--metrics", "ad",
                    "--out", tmp_path / "o2"], capsys)
