@@ -119,7 +119,6 @@ def test_no_bundled_weights_says_what_to_download():
 
 @pytest.mark.parametrize("name, size", [
     ("resnet18", 64),
-    ("resnet50", 32),
     ("vgg11", 32),
     ("vgg11_bn", 32),
     ("efficientnet_lite0", 64),
