@@ -366,3 +366,19 @@ def test_pretrained_cache_is_used_and_a_corrupt_one_rebuilt(lite0, monkeypatch):
     with np.load(files[0]) as z:
         np.testing.assert_array_equal(z["fc/params/kernel"], ref)
     assert not list((cache / "params").glob("*.tmp"))
+
+
+# -- the bundled pretrained EfficientNet-Lite1 ---------------------------------------
+
+def test_pretrained_lite1_at_240_recognises_the_cat_and_the_espresso(tmp_path, monkeypatch):
+    monkeypatch.setenv("LIFTCAM_JAX_CACHE", str(tmp_path))
+    clf = models.load("efficientnet_lite1", layer="blocks.20.dw")
+    assert clf.preprocess.size == 240 and clf.preprocess.interpolation == "bicubic"
+    assert [f.name for f in (tmp_path / "params").glob("*.npz")] == ["efficientnet-lite1-77cc7160.npz"]
+    imgs = {p.stem: p for p in models.sample_images()}
+    cls, prob = _top1(clf, imgs["chelsea"])
+    assert cls == 285 and 0.7 < prob < 0.88  # 0.788
+    cls, prob = _top1(clf, imgs["coffee"])
+    assert cls == 967 and 0.6 < prob < 0.8  # 0.708
+    a = clf.features(clf.params, jnp.zeros((1, 240, 240, 3)))
+    assert a.shape == (1, 8, 8, 1152)  # the last block's depthwise output, 8x8 at 240
