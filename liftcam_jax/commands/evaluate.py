@@ -97,6 +97,8 @@ def add_arguments(parser):
                    help="what deleted pixels become: zeros of the normalised input (RISE) or the image mean")
     g.add_argument("--blur-sigma", type=float, default=M.RISE_BLUR_SIGMA,
                    help=f"insertion's start blur sigma in pixels, radius = sigma (default {M.RISE_BLUR_SIGMA:g}: RISE's 11 taps)")
+    g.add_argument("--tie-break", choices=M.TIE_BREAKS, default="raster",
+                   help="order of equally salient pixels: row-major (default) or a random order fixed by --seed")
     g.add_argument("--step-chunk", type=positive_int, default=16,
                    help="perturbed copies per image per model call (memory; default 16)")
     g = parser.add_argument_group("localisation and SHAP")
@@ -366,7 +368,8 @@ class _Evaluator:
                 cols["ad"] = np.asarray(cc.drop)
             if "ic" in self.metrics:
                 cols["ic"] = np.asarray(cc.increase)
-        steps = dict(step=cfg["step"], num_steps=cfg["num_steps"], chunk=cfg["step_chunk"])
+        steps = dict(step=cfg["step"], num_steps=cfg["num_steps"], chunk=cfg["step_chunk"], tie_break=cfg["tie_break"],
+                     key=jax.random.PRNGKey(cfg["seed"]) if cfg["tie_break"] == "random" else None)
         if "deletion" in self.metrics:
             d = M.deletion(model, params, x, maps, t, substrate=cfg["substrate"], **steps)
             cols["deletion"], curves["deletion"] = np.asarray(d.auc), np.asarray(d.scores)
@@ -453,6 +456,7 @@ def run(args, zoo) -> int:
         "step": args.step if (args.step or args.num_steps) else M.RISE_STEP,
         "num_steps": args.num_steps,
         "substrate": args.substrate,
+        "tie_break": args.tie_break,
         "blur_sigma": args.blur_sigma,
         "blur_truncate": M.RISE_BLUR_TRUNCATE,
         "tolerance": args.tolerance,
