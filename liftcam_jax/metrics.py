@@ -25,8 +25,10 @@ input resolution ``(B, H, W)`` in [0, 1] (``Explanation.maps``), ``targets``
   colour, not black.
 
 * :func:`deletion` and :func:`insertion` -- the causal metrics of RISE
-  (Petsiuk et al., BMVC 2018). Pixels are sorted by decreasing saliency (ties
-  broken by the lower flat index: a stable sort). After ``n_s`` pixels
+  (Petsiuk et al., BMVC 2018). Pixels are sorted by decreasing saliency, ties
+  broken by the lower flat index (``tie_break="raster"``, a stable sort: the
+  default, so earlier results reproduce) or in a random order fixed by a key
+  (``tie_break="random"``; see :func:`saliency_rank`). After ``n_s`` pixels
   (``n_s = min(s * step, H W)``, ``s = 0 .. ceil(HW / step)``) the top-``n_s``
   pixels are replaced: deletion turns the image into a *substrate* (zeros of the
   normalised input, as in RISE's code, or the image's per-channel mean),
@@ -153,15 +155,35 @@ def step_counts(num_pixels: int, step: Optional[int] = None, num_steps: Optional
     return (np.arange(num_steps + 1, dtype=np.int64) * num_pixels) // num_steps
 
 
-def saliency_rank(maps: Array) -> Array:
+TIE_BREAKS = ("raster", "random")
+
+
+def check_tie_break(tie_break: str, key) -> None:
+    """A :class:`ValueError` for an unknown ``tie_break``, or ``"random"`` without a ``key``."""
+    if tie_break not in TIE_BREAKS:
+        raise ValueError(f"unknown tie_break {tie_break!r} (use 'raster' or 'random')")
+    if tie_break == "random" and key is None:
+        raise ValueError("tie_break='random' needs key= (e.g. jax.random.PRNGKey(0))")
+
+
+def saliency_rank(maps: Array, tie_break: str = "raster", key: Optional[Array] = None) -> Array:
     """Rank of every pixel in decreasing saliency, ``(B, H, W)`` int32 (0 = most salient).
 
-    Ties are broken by the lower row-major index (a stable sort), so the order
-    is deterministic.
+    Pixels of equal saliency (a map's flat zero region, say) are ordered by
+    ``tie_break``: ``"raster"`` (default) by the lower row-major index, a stable
+    sort, so deletion eats a flat region from the top rows down; ``"random"`` by
+    one random permutation of the pixel positions drawn from ``key``, the same
+    for every image, so an image's order does not depend on the batch it is in.
+    Either is deterministic, and without ties both give the same ranks.
     """
+    check_tie_break(tie_break, key)
     b, h, w = maps.shape
     flat = maps.reshape(b, h * w)
-    order = jnp.argsort(flat, axis=-1, descending=True, stable=True)
+    if tie_break == "raster":
+        order = jnp.argsort(flat, axis=-1, descending=True, stable=True)
+    else:  # a stable sort of the permuted pixels: ties keep the random order
+        perm = jax.random.permutation(key, h * w)
+        order = perm[jnp.argsort(flat[:, perm], axis=-1, descending=True, stable=True)]
     iota = jnp.broadcast_to(jnp.arange(h * w, dtype=jnp.int32), (b, h * w))
     rank = jnp.zeros((b, h * w), jnp.int32).at[jnp.arange(b)[:, None], order].set(iota)
     return rank.reshape(b, h, w)
@@ -173,9 +195,10 @@ def trapezoid(scores: Array, fractions: Array) -> Array:
     return jnp.sum(0.5 * (scores[..., 1:] + scores[..., :-1]) * dx, axis=-1)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "counts", "chunk"))
+@functools.partial(jax.jit, static_argnames=("model", "counts", "chunk", "tie_break"))
 def causal_curve(model: Callable, params, start: Array, finish: Array, maps: Array, targets: Array,
-                 *, counts: tuple, chunk: int = 16) -> CausalCurve:
+                 *, counts: tuple, chunk: int = 16, tie_break: str = "raster",
+                 key: Optional[Array] = None) -> CausalCurve:
     """The general RISE game: move the ``counts[s]`` most salient pixels from ``start`` to ``finish``.
 
     The perturbed images of all steps are independent (pixel ``p`` is taken
@@ -185,12 +208,13 @@ def causal_curve(model: Callable, params, start: Array, finish: Array, maps: Arr
 
     Args:
       counts: the static tuple ``(n_0, ..., n_S)`` from :func:`step_counts`.
+      tie_break, key: the order of equally salient pixels (:func:`saliency_rank`).
     """
     b, h, w = maps.shape
     if start.shape != finish.shape or start.shape[:3] != (b, h, w) or targets.shape != (b,):
         raise ValueError(f"shapes disagree: images {start.shape} and {finish.shape}, maps {maps.shape}, "
                          f"targets {targets.shape}")
-    rank = saliency_rank(maps)[..., None]
+    rank = saliency_rank(maps, tie_break, key)[..., None]
     n = len(counts)
     chunk = max(1, min(int(chunk), n))
     padded = list(counts) + [counts[-1]] * ((-n) % chunk)
@@ -215,11 +239,14 @@ def _counts(maps, step, num_steps):
 
 def deletion(model: Callable, params, x: Array, maps: Array, targets: Array, *,
              step: Optional[int] = None, num_steps: Optional[int] = None,
-             substrate: str = "zeros", chunk: int = 16) -> CausalCurve:
+             substrate: str = "zeros", chunk: int = 16, tie_break: str = "raster",
+             key: Optional[Array] = None) -> CausalCurve:
     """RISE deletion: remove the most salient pixels first; lower AUC is better.
 
     ``substrate``: ``"zeros"`` (zeros of the normalised input, as RISE's code)
     or ``"mean"`` (each image's per-channel mean). Default ``step``: 224 pixels.
+    ``tie_break`` (``"raster"`` or ``"random"``, which needs ``key``): the order of
+    equally salient pixels (:func:`saliency_rank`).
     """
     if substrate == "zeros":
         finish = jnp.zeros_like(x)
@@ -227,16 +254,21 @@ def deletion(model: Callable, params, x: Array, maps: Array, targets: Array, *,
         finish = jnp.broadcast_to(jnp.mean(x, axis=(1, 2), keepdims=True), x.shape)
     else:
         raise ValueError(f"unknown deletion substrate {substrate!r} (use 'zeros' or 'mean')")
-    return causal_curve(model, params, x, finish, maps, targets, counts=_counts(maps, step, num_steps), chunk=chunk)
+    return causal_curve(model, params, x, finish, maps, targets, counts=_counts(maps, step, num_steps), chunk=chunk,
+                        tie_break=tie_break, key=key)
 
 
 def insertion(model: Callable, params, x: Array, maps: Array, targets: Array, *,
               step: Optional[int] = None, num_steps: Optional[int] = None,
               blur_sigma: float = RISE_BLUR_SIGMA, blur_truncate: float = RISE_BLUR_TRUNCATE,
-              chunk: int = 16) -> CausalCurve:
-    """RISE insertion: start from a blurred copy, insert the most salient pixels first; higher AUC is better."""
+              chunk: int = 16, tie_break: str = "raster", key: Optional[Array] = None) -> CausalCurve:
+    """RISE insertion: start from a blurred copy, insert the most salient pixels first; higher AUC is better.
+
+    ``tie_break`` and ``key`` as in :func:`deletion`.
+    """
     start = gaussian_blur(x, blur_sigma, blur_truncate)
-    return causal_curve(model, params, start, x, maps, targets, counts=_counts(maps, step, num_steps), chunk=chunk)
+    return causal_curve(model, params, start, x, maps, targets, counts=_counts(maps, step, num_steps), chunk=chunk,
+                        tie_break=tie_break, key=key)
 
 
 # ---------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 Zoo interface used by the ``liftcam-jax`` CLI (see :mod:`liftcam_jax.cli`):
 
-* ``names()``: model names (``resnet18`` ... ``vgg19_bn``, ``efficientnet_lite0``);
+* ``names()``: model names (``resnet18`` ... ``vgg19_bn``, ``efficientnet_lite0`` ... ``efficientnet_lite2``);
 * ``get(name) -> StagedModel``: the architecture;
 * ``load(name, weights=None, layer=None) -> liftcam_jax.Classifier``;
 * ``sample_images()``: the bundled photos; ``class_names()``: ImageNet's 1000 names;

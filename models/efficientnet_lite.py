@@ -9,6 +9,12 @@ repeats (``ceil``), except the first and last stage's repeats.
 Stages: ``stem``, ``blocks.0`` .. ``blocks.{n-1}`` (aliases ``stage1`` ..
 ``stage7``: the last block of each stage), ``head_conv`` (1x1 conv to 1280 + BN
 + ReLU6; the default split, 7x7 at 224x224), ``pool`` (global mean), ``fc``.
+Inside block N: ``blocks.N.expand`` (after the expand conv's BN + ReLU6; every
+block but ``blocks.0``) and ``blocks.N.dw`` (after the depthwise BN + ReLU6).
+Blocks with a residual (stride 1, width kept) carry their input after those
+channels (:mod:`models.base`); the first block of each stage, and so the last
+block ``blocks.{n-1}`` (its head: projection, BN, head conv, BN, ReLU6, pool, fc),
+carries nothing.
 Preprocessing: the whole image resized to ``size x size`` (bicubic, no crop),
 ``(v - 0.5) / 0.5`` on [0, 1] pixels.
 """
@@ -17,13 +23,15 @@ from __future__ import annotations
 import math
 
 import flax.linen as nn
+import jax.numpy as jnp
 
 from liftcam_jax.model import Preprocess
 
-from .base import StagedModel
+from .base import Phase, StagedModel, run_block
 from .layers import GlobalAvgPool, batch_norm, conv, same_padding
 
 EPS = 1e-3
+STEM = 32  # stem channels, fixed for every variant
 
 # EfficientNet-B0 stages: (expand ratio, kernel, stride, out channels, repeats)
 B0_STAGES = (
@@ -69,35 +77,48 @@ class Stem(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        x = conv(32, 3, 2, _same(x, 3, 2), name="conv_stem")(x)
+        x = conv(STEM, 3, 2, _same(x, 3, 2), name="conv_stem")(x)
         return nn.relu6(batch_norm(EPS, name="bn0")(x))
 
 
 class MBConv(nn.Module):
     """Inverted residual: [1x1 expand + BN + ReLU6], depthwise kxk + BN + ReLU6,
-    1x1 project + BN, plus the input when the stride is 1 and the width is kept."""
+    1x1 project + BN, plus the input when the stride is 1 and the width is kept.
 
+    Split points (after each ReLU6): ``expand`` (absent when ``expand == 1``) and
+    ``dw``; a residual block carries its input there (see :mod:`models.base`)."""
+
+    in_features: int
     features: int
     kernel: int
     stride: int
     expand: int
 
+    @property
+    def points(self):
+        return (("expand",) if self.expand != 1 else ()) + ("dw",)
+
+    @property
+    def residual(self) -> bool:
+        return self.stride == 1 and self.in_features == self.features
+
     @nn.compact
-    def __call__(self, x):
-        cin = x.shape[-1]
-        y = x
+    def __call__(self, x, start=None, stop=None):
+        mid = self.in_features * self.expand
+        phases = []
         if self.expand != 1:
-            y = conv(cin * self.expand, 1, name="expand_conv")(y)
-            y = nn.relu6(batch_norm(EPS, name="bn0")(y))
-        mid = y.shape[-1]
-        y = conv(mid, self.kernel, self.stride, _same(y, self.kernel, self.stride),
-                 groups=mid, name="depthwise_conv")(y)
-        y = nn.relu6(batch_norm(EPS, name="bn1")(y))
-        y = conv(self.features, 1, name="project_conv")(y)
-        y = batch_norm(EPS, name="bn2")(y)
-        if self.stride == 1 and cin == self.features:
-            y = y + x
-        return y
+            phases.append(Phase("expand", mid, lambda y: nn.relu6(
+                batch_norm(EPS, name="bn0")(conv(mid, 1, name="expand_conv")(y)))))
+
+        def depthwise(y):
+            y = conv(mid, self.kernel, self.stride, _same(y, self.kernel, self.stride),
+                     groups=mid, name="depthwise_conv")(y)
+            return nn.relu6(batch_norm(EPS, name="bn1")(y))
+
+        phases.append(Phase("dw", mid, depthwise))
+        phases.append(Phase(None, self.features, lambda y: batch_norm(EPS, name="bn2")(
+            conv(self.features, 1, name="project_conv")(y))))
+        return run_block(phases, x, start, stop, jnp.add if self.residual else None)
 
 
 class HeadConv(nn.Module):
@@ -116,11 +137,11 @@ def efficientnet_lite(name: str, num_classes: int = 1000) -> StagedModel:
     width, depth, size = CONFIGS[name]
     stages = [("stem", Stem())]
     aliases = {}
-    n = 0
+    n, cin = 0, STEM
     for s, (e, k, st, c, r) in enumerate(block_specs(width, depth), start=1):
         for j in range(r):
-            stages.append((f"blocks.{n}", MBConv(c, k, st if j == 0 else 1, e)))
-            n += 1
+            stages.append((f"blocks.{n}", MBConv(cin, c, k, st if j == 0 else 1, e)))
+            n, cin = n + 1, c
         aliases[f"stage{s}"] = f"blocks.{n - 1}"
     stages += [("head_conv", HeadConv(1280)), ("pool", GlobalAvgPool()),
                ("fc", nn.Dense(num_classes))]

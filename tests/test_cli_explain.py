@@ -307,3 +307,21 @@ def test_real_zoo_unknown_layer_is_a_usage_error(tmp_path, capsys):
     assert rc == 2
     err = capsys.readouterr().err
     assert "unknown layer 'nope'" in err and "valid layers" in err and "Traceback" not in err
+    assert "blocks.15.expand, blocks.15.dw, blocks.15," in err  # the points inside blocks too
+
+
+@pytest.mark.slow
+def test_real_zoo_lift_cam_inside_the_last_block_of_lite0(tmp_path, capsys):
+    """``--layer blocks.15.dw``: 1152 post-ReLU6 maps, a non-linear head; summation-to-delta holds."""
+    models = pytest.importorskip("models")
+    photo = {p.stem: p for p in models.sample_images()}["chelsea"]
+    rc = main(["explain", str(photo), "--model", "efficientnet_lite0", "--layer", "blocks.15.dw",
+               "--out", str(tmp_path / "out"), "--quiet"], zoo=models)
+    assert rc == 0, capsys.readouterr().err
+    (r,) = _lines(tmp_path / "out" / "manifest.jsonl")
+    assert r["status"] == "done" and "cat" in r["predicted_name"].lower()
+    z = np.load(tmp_path / "out" / "chelsea.npz")
+    t = int(z["target"])
+    y, y0, phi = float(z["logits"][t]), float(z["reference_logits"][t]), z["coefficients"].astype(np.float64)
+    assert phi.shape == (1152,) and z["raw"].shape == (7, 7)
+    assert abs(phi.sum() - (y - y0)) <= 1e-5 * max(abs(y) + abs(y0), np.abs(phi).sum())

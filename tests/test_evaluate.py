@@ -245,6 +245,39 @@ def test_missing_image_and_bad_label_fail_alone(tmp_path, capsys):
     assert rc == 2 and "different run" in err
 
 
+def test_random_tie_break_is_the_metric_with_the_seed(data, capsys, tmp_path):
+    """``--tie-break random --seed 3``: deletion/insertion as the metrics compute them with
+    ``tie_break="random", key=PRNGKey(3)``; recorded in the configuration; different from raster
+    where the maps have ties (LIFT-CAM's zeros after the ReLU)."""
+    import jax
+
+    out = tmp_path / "o"
+    rc, err = cli(["--data", data, "--model", "tiny", "--methods", "lift-cam", "--metrics", "deletion,insertion",
+                   "--out", out, "--step", "100", "--tie-break", "random", "--seed", "3", "--quiet"], capsys)
+    assert rc == 0, err
+    res = json.loads((out / "results.json").read_text())
+    assert res["config"]["tie_break"] == "random"
+    clf = fake_zoo.load("tiny")
+    x = jnp.asarray(np.stack([clf.preprocess(decode_image(str(data / "imgs" / f"im{i}.png"))) for i in range(4)]))
+    t = jnp.asarray(LABELS, jnp.int32)
+    exp = explain(clf.split, clf.params, x, t, method="lift-cam")
+    assert int(jnp.sum(exp.maps == 0)) > 0  # ties to break
+    kw = dict(step=100, tie_break="random", key=jax.random.PRNGKey(3))
+    dele = metrics.deletion(clf.split, clf.params, x, exp.maps, t, **kw)
+    ins = metrics.insertion(clf.split, clf.params, x, exp.maps, t, **kw)
+    raster = metrics.deletion(clf.split, clf.params, x, exp.maps, t, step=100)
+    recs = {r["item"]: r for r in map(json.loads, log_lines(out))}
+    for i in range(4):
+        got = recs[f"imgs/im{i}.png"]["metrics"]
+        np.testing.assert_allclose(got["deletion"], dele.auc[i], rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(got["insertion"], ins.auc[i], rtol=1e-4, atol=1e-6)
+    assert not np.allclose(dele.auc, raster.auc, rtol=1e-4, atol=1e-6)
+    # the default is recorded too, and a folder of one order refuses the other
+    rc, err = cli(["--data", data, "--model", "tiny", "--methods", "lift-cam", "--metrics", "deletion",
+                   "--out", out, "--step", "100", "--seed", "3"], capsys)
+    assert rc == 2 and "tie_break 'random' (now 'raster')" in err
+
+
 # ---------------------------------------------------------------------------
 # TFDS input: labels and boxes from the features
 # ---------------------------------------------------------------------------

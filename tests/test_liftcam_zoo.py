@@ -56,6 +56,8 @@ def _completeness(split, params, x, targets=None):
         ("vgg16_bn", None), ("vgg16_bn", "conv4_3"),
         ("resnet18", None), ("resnet18", "layer3"),
         ("resnet50", None), ("resnet50", "layer3"),
+        # inside blocks: non-linear heads that start from non-negative maps, the shortcut carried
+        ("resnet18", "layer4.0.relu1"), ("resnet50", "layer4.2.relu2"), ("resnet50", "layer4.0.relu1"),
     ],
 )
 def test_summation_to_delta_random_weights(name, layer):
@@ -94,3 +96,21 @@ def test_default_split_heads_have_the_expected_closed_form(lite0):
     jac = jax.vmap(lambda ai, t: jax.grad(lambda q: lite0.head(lite0.params, q[None])[0, t])(ai))(a, e.targets)
     w = jac.sum(axis=(1, 2))  # the class weights w_ck (the gradient is uniform over positions)
     np.testing.assert_allclose(e.coefficients, w * a.mean(axis=(1, 2)), rtol=1e-4, atol=1e-6)
+
+
+def test_summation_to_delta_inside_the_last_block_of_pretrained_lite0(lite0):
+    """``blocks.15.dw``: after the last block's depthwise BN + ReLU6 (1152 non-negative maps,
+    no shortcut); the head is projection, BN, head conv, BN, ReLU6, pool, fc."""
+    model = models.get("efficientnet_lite0")
+    x = jnp.stack([lite0.preprocess(np.asarray(Image.open(p).convert("RGB")))
+                   for p in models.sample_images()])
+    split = model.split("blocks.15.dw")
+    a = split.features(lite0.params, x)
+    assert a.shape == (4, 7, 7, 1152) and float(a.min()) >= 0.0
+    err, e = _completeness(split, lite0.params, x)
+    np.testing.assert_allclose(np.asarray(e.logits), np.asarray(lite0.logits(x)), rtol=1e-5, atol=1e-4)
+    assert err <= 1e-5, f"lite0 at blocks.15.dw: relative completeness error {err:.2e}"
+    # non-linear head: the coefficients are not the gradient times the maps
+    grad = jax.grad(lambda a: split.head(lite0.params, a)[0, e.targets[0]])(a[:1])
+    assert not np.allclose(np.asarray((grad * a[:1]).sum((1, 2))[0]), np.asarray(e.coefficients[0]),
+                           rtol=1e-3, atol=1e-3)

@@ -83,6 +83,55 @@ def test_saliency_rank_is_stable_descending():
     np.testing.assert_array_equal(r[1], [[0, 1], [2, 3]])
 
 
+def test_random_tie_break_permutes_equal_pixels_by_the_seed():
+    flat = jnp.full((2, H, W), 0.25)
+    ranks = {seed: np.asarray(metrics.saliency_rank(flat, "random", jax.random.PRNGKey(seed)))
+             for seed in (0, 1)}
+    for r in ranks.values():  # a permutation of 0 .. HW-1, the same for every image
+        np.testing.assert_array_equal(np.sort(r[0].ravel()), np.arange(HW))
+        np.testing.assert_array_equal(r[0], r[1])
+    again = np.asarray(metrics.saliency_rank(flat, "random", jax.random.PRNGKey(0)))
+    np.testing.assert_array_equal(again, ranks[0])  # fixed by the seed
+    assert not np.array_equal(ranks[0], ranks[1])  # and depends on it
+    raster = np.arange(HW).reshape(H, W)
+    np.testing.assert_array_equal(np.asarray(metrics.saliency_rank(flat)[0]), raster)
+    assert not np.array_equal(ranks[0][0], raster)
+    # partial ties: the strict order between values is kept, only the tied pixels move
+    m = np.asarray(np.random.default_rng(0).integers(0, 3, (1, H, W)), np.float32)
+    r = np.asarray(metrics.saliency_rank(jnp.asarray(m), "random", jax.random.PRNGKey(3)))[0]
+    for v, lo in ((2, 0), (1, int((m == 2).sum())), (0, int((m >= 1).sum()))):
+        np.testing.assert_array_equal(np.sort(r[m[0] == v]), lo + np.arange(int((m == v).sum())))
+
+
+def test_random_tie_break_changes_nothing_without_ties():
+    maps = jnp.asarray(np.random.default_rng(7).permutation(2 * HW).reshape(2, H, W), jnp.float32)
+    np.testing.assert_array_equal(np.asarray(metrics.saliency_rank(maps, "random", jax.random.PRNGKey(5))),
+                                  np.asarray(metrics.saliency_rank(maps)))
+    region = scattered_region(16, seed=1)
+    model = region_model(region)
+    x, t = jnp.ones((2, H, W, 3)), jnp.zeros((2,), jnp.int32)
+    for fn in (metrics.deletion, metrics.insertion):
+        a = fn(model, PARAMS, x, maps, t, step=5)
+        b = fn(model, PARAMS, x, maps, t, step=5, tie_break="random", key=jax.random.PRNGKey(5))
+        np.testing.assert_array_equal(np.asarray(a.scores), np.asarray(b.scores))
+
+
+def test_random_tie_break_in_deletion_of_a_flat_map():
+    # the region is the first 16 pixels: raster order deletes it first, a random order does not
+    region = first_pixels(16)
+    model = region_model(region)
+    x, t, flat = jnp.ones((1, H, W, 3)), jnp.zeros((1,), jnp.int32), jnp.zeros((1, H, W))
+    raster = metrics.deletion(model, PARAMS, x, flat, t, step=4)
+    np.testing.assert_allclose(raster.auc, [16 / (2 * HW)], atol=1e-6)
+    aucs = [float(metrics.deletion(model, PARAMS, x, flat, t, step=4, tie_break="random",
+                                   key=jax.random.PRNGKey(s)).auc[0]) for s in range(3)]
+    assert all(a > 0.2 for a in aucs) and len(set(aucs)) == 3
+    with pytest.raises(ValueError, match="needs key"):
+        metrics.deletion(model, PARAMS, x, flat, t, tie_break="random")
+    with pytest.raises(ValueError, match="unknown tie_break 'lexical'"):
+        metrics.insertion(model, PARAMS, x, flat, t, tie_break="lexical", key=jax.random.PRNGKey(0))
+
+
 # --------------------------------------------------------------------------- deletion / insertion
 
 @pytest.mark.parametrize("step", [4, 5, 7])

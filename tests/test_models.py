@@ -136,11 +136,79 @@ def test_head_of_features_is_the_model_at_every_split(name, size):
     outs = m.stage_outputs(params, x)
     assert np.all(np.isfinite(logits)) and logits.std() > 0
     np.testing.assert_array_equal(np.asarray(outs[m.stage_names[-1]]), logits)
+    inner = m.inner_layers()
     for layer in m.layers:
         split = m.split(layer)
         a = split.features(params, x)
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(outs[m.resolve(layer)]))
+        if layer in inner:  # inside a block: checked below
+            assert m.resolve(layer) == layer
+        else:
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(outs[m.resolve(layer)]))
         np.testing.assert_allclose(np.asarray(split.head(params, a)), logits, rtol=1e-6, atol=1e-6)
+
+
+def _inner_params(name, seed=1):
+    m = models.get(name)
+    params = models.zoo.random_params(m, seed=seed)
+    rng = np.random.default_rng(seed)
+    return m, jax.tree_util.tree_map_with_path(
+        lambda path, v: v + 0.2 * rng.random(v.shape, np.float32) if path[1].key in ("batch_stats",)
+        or path[-1].key == "bias" else v, params)
+
+
+@pytest.mark.parametrize("name, size", [("efficientnet_lite0", 64), ("resnet50", 32), ("resnet18", 32)])
+def test_inner_split_points_are_post_activation_and_carry_the_shortcut(name, size):
+    """At ``<block>.<point>``: A = [the inner activation, then the shortcut the rest of the
+    block adds]; the activation is a ReLU's (ReLU6's) output, the carried shortcut is the
+    block input where it is the identity; head(features) is the model to 1e-5 relative."""
+    m, params = _inner_params(name)
+    x = jax.random.normal(jax.random.PRNGKey(3), (2, size, size, 3))
+    logits = np.asarray(m.apply(params, x))
+    outs = m.stage_outputs(params, x)
+    stages = dict(m.stages)
+    inner = m.inner_layers()
+    lite = name.startswith("efficientnet")
+    expected = {"efficientnet_lite0": 16 + 15, "resnet50": 16 * 2, "resnet18": 8}[name]
+    assert len(inner) == expected
+    if lite:
+        assert "blocks.0.expand" not in inner and "blocks.0.dw" in inner and "blocks.15.expand" in inner
+    for layer, (stage, point) in inner.items():
+        block = stages[stage]
+        before = np.asarray(outs[m.stage_names[m.stage_names.index(stage) - 1]])
+        split = m.split(layer)
+        a = np.asarray(split.features(params, x))
+        rel = np.abs(np.asarray(split.head(params, jnp.asarray(a))) - logits).max() / np.abs(logits).max()
+        assert rel <= 1e-5, (layer, rel)
+        mid = (block.in_features * block.expand) if lite else block.features
+        act, carried = a[..., :mid], a[..., mid:]
+        assert act.min() >= 0 and act.max() > 0 and (not lite or act.max() <= 6), layer
+        residual = block.residual if lite else True
+        if not residual:
+            assert carried.shape[-1] == 0, layer
+        elif lite or (point == "relu1" and name == "resnet50") or not block.downsample:
+            np.testing.assert_array_equal(carried, before, err_msg=layer)  # the block input
+        else:  # the projection shortcut, at the output resolution
+            assert carried.shape[:3] == act.shape[:3] and carried.shape[-1] == outs[stage].shape[-1]
+    assert inner["layer4.2.relu2" if name == "resnet50" else "layer4.1.relu1"
+                 if name == "resnet18" else "blocks.15.dw"] == (
+        ("layer4.2", "relu2") if name == "resnet50" else ("layer4.1", "relu1")
+        if name == "resnet18" else ("blocks.15", "dw"))
+
+
+def test_inner_split_names_in_layers_and_errors():
+    lite = models.get("efficientnet_lite0")
+    assert lite.layers.index("blocks.15.expand") < lite.layers.index("blocks.15.dw") < lite.layers.index("blocks.15")
+    assert models.load("efficientnet_lite0", "random", layer="blocks.15.dw").layers == lite.layers
+    with pytest.raises(UnknownLayerError, match=r"unknown layer 'blocks.0.expand'.*blocks\.0\.dw, blocks\.0, "
+                                                r"blocks\.1\.expand"):
+        lite.split("blocks.0.expand")
+    r50 = models.get("resnet50")
+    assert {"layer4.2.relu1", "layer4.2.relu2", "layer1.0.relu2"} <= set(r50.layers)
+    with pytest.raises(UnknownLayerError, match=r"'layer4.2.relu3'.*layer4\.2\.relu2"):
+        r50.split("layer4.2.relu3")
+    with pytest.raises(UnknownLayerError, match="'layer4.relu1'"):  # aliases name blocks, not points
+        r50.split("layer4.relu1")
+    assert "layer4.1.relu2" not in models.get("resnet18").layers
 
 
 def test_split_jits_and_vmaps():
@@ -298,3 +366,19 @@ def test_pretrained_cache_is_used_and_a_corrupt_one_rebuilt(lite0, monkeypatch):
     with np.load(files[0]) as z:
         np.testing.assert_array_equal(z["fc/params/kernel"], ref)
     assert not list((cache / "params").glob("*.tmp"))
+
+
+# -- the bundled pretrained EfficientNet-Lite1 ---------------------------------------
+
+def test_pretrained_lite1_at_240_recognises_the_cat_and_the_espresso(tmp_path, monkeypatch):
+    monkeypatch.setenv("LIFTCAM_JAX_CACHE", str(tmp_path))
+    clf = models.load("efficientnet_lite1", layer="blocks.20.dw")
+    assert clf.preprocess.size == 240 and clf.preprocess.interpolation == "bicubic"
+    assert [f.name for f in (tmp_path / "params").glob("*.npz")] == ["efficientnet-lite1-77cc7160.npz"]
+    imgs = {p.stem: p for p in models.sample_images()}
+    cls, prob = _top1(clf, imgs["chelsea"])
+    assert cls == 285 and 0.7 < prob < 0.88  # 0.788
+    cls, prob = _top1(clf, imgs["coffee"])
+    assert cls == 967 and 0.6 < prob < 0.8  # 0.708
+    a = clf.features(clf.params, jnp.zeros((1, 240, 240, 3)))
+    assert a.shape == (1, 8, 8, 1152)  # the last block's depthwise output, 8x8 at 240

@@ -3,8 +3,9 @@
 Every stage's output and the logits are compared; relative error =
 ``max|ours - theirs| / max|theirs|`` per tensor, tolerance 1e-4. Torchvision
 models have random weights with random biases and BatchNorm statistics;
-EfficientNet-Lite0 runs the bundled pretrained weights on a real photo against
-timm's ``tf_efficientnet_lite0`` holding the same tensors.
+EfficientNet-Lite0 and Lite1 run the bundled pretrained weights on a real photo
+against timm's ``tf_efficientnet_lite0/1`` holding the same tensors. The split
+points inside blocks are checked against the same networks' activations.
 """
 import numpy as np
 import pytest
@@ -31,12 +32,13 @@ def _nhwc(t):
     return t.transpose(0, 2, 3, 1) if t.ndim == 4 else t.reshape(t.shape[0], -1)
 
 
-def _torch_outputs(net, modules, x_nhwc):
-    """``{stage: output}`` of ``net`` on ``x`` via forward hooks on ``modules[stage]``."""
+def _torch_calls(net, modules, x_nhwc):
+    """``({name: [outputs of modules[name], in call order]}, logits)`` of ``net`` on ``x``
+    via forward hooks (a module may run several times, e.g. a Bottleneck's one ``relu``)."""
     outs, hooks = {}, []
-    for stage, mod in modules.items():
+    for name, mod in modules.items():
         hooks.append(mod.register_forward_hook(
-            lambda m, i, o, stage=stage: outs.__setitem__(stage, _nhwc(o.clone()))))
+            lambda m, i, o, name=name: outs.setdefault(name, []).append(_nhwc(o.clone()))))
     try:
         with torch.no_grad():
             logits = net(torch.from_numpy(np.ascontiguousarray(x_nhwc.transpose(0, 3, 1, 2))))
@@ -44,6 +46,12 @@ def _torch_outputs(net, modules, x_nhwc):
         for h in hooks:
             h.remove()
     return outs, logits.numpy()
+
+
+def _torch_outputs(net, modules, x_nhwc):
+    """``{stage: output}`` of ``net`` on ``x`` via forward hooks on ``modules[stage]``, and the logits."""
+    outs, logits = _torch_calls(net, modules, x_nhwc)
+    return {stage: calls[-1] for stage, calls in outs.items()}, logits
 
 
 def _resnet_modules(net, model):
@@ -133,28 +141,86 @@ def _timm_to_effnet_pytorch(sd):
     return out
 
 
-def _lite0_pair():
-    path = models.zoo.PRETRAINED["efficientnet_lite0"]()
+def _pretrained_lite_pair(name, num_keys):
+    """timm's ``tf_`` architecture holding the packaged checkpoint of ``name``, and our params."""
+    path = models.zoo.PRETRAINED[name]()
     ours = load_state_dict(path)  # numpy, read without torch
-    net = timm.create_model("tf_efficientnet_lite0", pretrained=False).eval()
+    net = timm.create_model("tf_" + name, pretrained=False).eval()
     timm_keys = list(net.state_dict())
-    assert len(timm_keys) == len(ours) == 296
+    assert len(timm_keys) == len(ours) == num_keys
     # both list the same tensors in the same order
     by_position = {tk: torch.from_numpy(np.array(v)) for tk, v in zip(timm_keys, ours.values())}
     net.load_state_dict(by_position)
     # the by-name mapping agrees with the by-position one
     assert list(_timm_to_effnet_pytorch(dict.fromkeys(timm_keys))) == list(ours)
-    return net, from_torch(ours, "efficientnet_lite0")
+    return net, from_torch(ours, name)
 
 
-def test_efficientnet_lite0_pretrained_on_a_photo(rel_error):
-    net, params = _lite0_pair()
-    model = models.get("efficientnet_lite0")
-    image = np.asarray(Image.open(dict((p.stem, p) for p in models.sample_images())["chelsea"]).convert("RGB"))
-    x = model.preprocess(image)[None]
+def _photo(name):
+    return np.asarray(Image.open(dict((p.stem, p) for p in models.sample_images())[name]).convert("RGB"))
+
+
+@pytest.mark.parametrize("name, num_keys, size", [("efficientnet_lite0", 296, 224),
+                                                  ("efficientnet_lite1", 386, 240)])
+def test_efficientnet_lite_pretrained_on_a_photo(name, num_keys, size, rel_error):
+    net, params = _pretrained_lite_pair(name, num_keys)
+    model = models.get(name)
+    x = model.preprocess(_photo("chelsea"))[None]
+    assert x.shape == (1, size, size, 3)  # timm's input size for the variant
     errors = _compare(model, params, net, _timm_lite_modules(net, model), x, rel_error)
     logits = np.asarray(model.apply(jax.device_put(params), x))
     assert int(logits.argmax()) == 285 and errors["logits"] <= TOL
+
+
+def test_lite0_points_inside_blocks_are_timms_activations(rel_error):
+    """``blocks.N.expand`` / ``blocks.N.dw`` on the pretrained Lite0 and a photo: the leading
+    channels of A are timm's post-activation tensors (``bn1``/``bn2`` with their ReLU6); the
+    head continues to the same logits."""
+    net, params = _pretrained_lite_pair("efficientnet_lite0", 296)
+    model = models.get("efficientnet_lite0")
+    x = model.preprocess(_photo("coffee"))[None]
+    blocks = [b for stage in net.blocks for b in stage]
+    modules = {}
+    for i, b in enumerate(blocks):
+        if hasattr(b, "conv_pwl"):  # InvertedResidual: bn1 after the expand conv, bn2 after the dw
+            modules[f"blocks.{i}.expand"], modules[f"blocks.{i}.dw"] = b.bn1, b.bn2
+        else:  # DepthwiseSeparable (block 0): bn1 after the dw
+            modules[f"blocks.{i}.dw"] = b.bn1
+    assert set(modules) == set(model.inner_layers())
+    theirs, logits = _torch_calls(net, modules, x)
+    p = jax.device_put(params)
+    worst = 0.0
+    with jax.default_matmul_precision("float32"):
+        for layer, (t,) in theirs.items():
+            split = model.split(layer)
+            a = np.asarray(split.features(p, x))
+            worst = max(worst, rel_error(a[..., : t.shape[-1]], t))
+            assert rel_error(np.asarray(split.head(p, a)), logits) <= TOL, layer
+    print(f"\nlite0 inner points: max relative error {worst:.2e} over {len(theirs)} points")
+    assert worst <= TOL
+
+
+def test_resnet50_points_inside_blocks_are_torchvisions_relus(torchvision_pair, rel_error):
+    """``layerX.Y.relu1`` / ``relu2``: torchvision's Bottleneck calls its one ``relu`` three times;
+    the first two outputs are our points' leading channels."""
+    net, params = torchvision_pair("resnet50")
+    model = models.get("resnet50")
+    x = np.random.default_rng(1).standard_normal((1, 160, 160, 3)).astype(np.float32)
+    modules = {stage: getattr(net, stage.split(".")[0])[int(stage.split(".")[1])].relu
+               for stage in model.stage_names if stage.startswith("layer")}
+    theirs, logits = _torch_calls(net, modules, x)
+    p = jax.device_put(params)
+    checked = 0
+    with jax.default_matmul_precision("float32"):
+        for layer, (stage, point) in model.inner_layers().items():
+            t = theirs[stage][int(point[-1]) - 1]
+            split = model.split(layer)
+            a = np.asarray(split.features(p, x))
+            assert rel_error(a[..., : t.shape[-1]], t) <= TOL, layer
+            if stage.startswith("layer4") or stage.endswith(".0"):
+                assert rel_error(np.asarray(split.head(p, a)), logits) <= TOL, layer
+            checked += 1
+    assert checked == 32
 
 
 @pytest.mark.parametrize("name", ["efficientnet_lite1", "efficientnet_lite2"])
