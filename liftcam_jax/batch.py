@@ -162,7 +162,8 @@ def check_run_identity(out_dir: str, identity: dict) -> None:
     except (OSError, ValueError):
         old = None  # a damaged run.json (older crash): rewrite it
     if isinstance(old, dict):
-        diff = [f"{k} {old.get(k)!r} (now {identity.get(k)!r})" for k in identity if old.get(k) != identity.get(k)]
+        keys = list(identity) + [k for k in old if k not in identity]  # a key either side lacks differs too
+        diff = [f"{k} {old.get(k)!r} (now {identity.get(k)!r})" for k in keys if old.get(k) != identity.get(k)]
         if diff:
             raise UsageError(
                 f"{out_dir} holds results of a different run ({'; '.join(diff)}); "
