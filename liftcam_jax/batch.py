@@ -25,12 +25,15 @@ shapes per run, never the cost of a full batch), and padded rows are never
 written. Every image's result depends on that
 image only, so results are the same on 1 device and on N.
 
-**Several hosts** (``jax.distributed.initialize()`` first): host ``p`` of
-``P`` explains items ``p, p + P, p + 2P, ...`` of the listing (the listing is
-the same on every host) on its own local devices, and writes its own manifest
+**Several hosts** (:func:`liftcam_jax.distributed.initialize` first): host
+``p`` of ``P`` explains items ``p, p + P, p + 2P, ...`` of the listing (the
+listing is the same on every host; of a TFRecord split, read in order, a
+contiguous block: :func:`liftcam_jax.distributed.share`) on its own local
+devices, reads only those, and writes its own manifest
 ``manifest-<p>-of-<P>.jsonl`` (one host: ``manifest.jsonl``) into the shared
 output folder. Hosts never wait for each other: explaining needs no
-communication, and each resumes its own share.
+communication. Resuming skips every id that any manifest says is done,
+whichever host (or host count) did it; :func:`status` merges them.
 
 **Outputs** (``out_dir/<item id>.npz`` and/or ``.png``; ids in
 :mod:`liftcam_jax.data`): the ``.npz`` holds ``map`` ``(H, W)`` in [0, 1],
@@ -67,12 +70,14 @@ from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 
+from . import distributed as _distributed
 from . import io as _io
 from . import methods as _methods
 from .data import Item, ItemError, Source, open_inputs
 from .errors import LiftcamError, UsageError
 
-__all__ = ["RunConfig", "RunFolder", "Summary", "manifest_name", "output_paths", "read_manifests", "run", "run_loop"]
+__all__ = ["RunConfig", "RunFolder", "Summary", "manifest_name", "output_paths", "read_manifests", "run", "run_loop",
+           "status"]
 
 SAVE_MODES = ("overlay", "raw", "both")
 
@@ -115,10 +120,20 @@ def manifest_name(process_index: int = 0, process_count: int = 1) -> str:
     return f"manifest-{process_index:05d}-of-{process_count:05d}.jsonl"
 
 
+def merged_records(paths: Sequence[str], key: str = "id") -> Dict[str, dict]:
+    """The last record per ``key`` in each log, merged over the logs: where one host's log says ``done``
+    and another's (an earlier host count) says ``failed``, the input is done."""
+    out: Dict[str, dict] = {}
+    for p in paths:
+        for k, r in _io.latest(_io.read_jsonl(p), key).items():
+            if k not in out or r.get("status") == "done" or out[k].get("status") != "done":
+                out[k] = r
+    return out
+
+
 def read_manifests(out_dir) -> Dict[str, dict]:
-    """The last record per item id over every manifest in ``out_dir``."""
-    paths = sorted(glob.glob(os.path.join(glob.escape(os.fspath(out_dir)), "manifest*.jsonl")))
-    return _io.latest(r for p in paths for r in _io.read_jsonl(p))
+    """The last record per item id over every manifest in ``out_dir`` (see :func:`merged_records`)."""
+    return merged_records(sorted(glob.glob(os.path.join(glob.escape(os.fspath(out_dir)), "manifest*.jsonl"))))
 
 
 def output_paths(item_id: str, save: str) -> List[str]:
@@ -404,10 +419,14 @@ class RunFolder:
         check_run_identity(self.path, identity)
         if clean:
             _remove_stale_temp_files(self.path)
-        paths = sorted(glob.glob(os.path.join(glob.escape(self.path), pattern)))
-        self.previous: Dict[str, dict] = _io.latest(r for p in paths for r in _io.read_jsonl(p))
+        self.pattern = pattern
+        self.previous: Dict[str, dict] = self.records()
         self.log_path = os.path.join(self.path, log)
         self._log: Optional[_io.Manifest] = None
+
+    def records(self) -> Dict[str, dict]:
+        """The last record of every key over all the logs; a ``done`` one wins over another log's failure."""
+        return merged_records(sorted(glob.glob(os.path.join(glob.escape(self.path), self.pattern))))
 
     def done(self, key: str) -> bool:
         rec = self.previous.get(key)
@@ -557,7 +576,7 @@ def run(classifier, inputs: Union[Sequence[str], Sequence[Source]], config: Opti
         raise UsageError(f"process index {pi} out of range for {pc} processes")
     folder = RunFolder(out_dir, _identity(classifier, cfg, target), manifest_name(pi, pc), clean=pc == 1)
     listing = [(s, it) for s in sources for it in s.items][: cfg.limit]
-    share = listing[pi::pc]
+    share = _distributed.share(listing, pi, pc, [getattr(s, "sequential", False) for s, _ in listing])
     todo = [(s, it) for s, it in share if not _is_done(folder.previous.get(it.id), folder.path,
                                                         output_paths(it.id, cfg.save))]
     work = [(s, [it for s2, it in todo if s2 is s]) for s in sources if any(s2 is s for s2, _ in todo)]
@@ -580,7 +599,44 @@ def run(classifier, inputs: Union[Sequence[str], Sequence[Source]], config: Opti
     summary.seconds = time.perf_counter() - t_start
     if not cfg.quiet:
         print(f"liftcam-jax: explain: {summary.line()}", file=err)
+        if pc > 1:  # what every host has done so far, from all the manifests in the folder
+            st = status(folder.path, [it.id for _, it in listing])
+            print(f"liftcam-jax: explain: all {pc} hosts so far: {st['done']} done, {st['failed']} failed, "
+                  f"{st['pending']} pending of {st['total']}", file=err)
     return summary
+
+
+def status(out_dir, ids: Optional[Sequence[str]] = None) -> dict:
+    """The merged state of a run folder (every host's manifest or evaluation log).
+
+    Returns ``{"command", "total", "done", "failed", "pending", "failed_ids": {id: error}, "logs": [...]}``;
+    ``ids`` are the run's inputs when known (else ``total`` counts what the logs name).
+    """
+    out = os.fspath(out_dir)
+    try:
+        with open(os.path.join(out, "run.json"), encoding="utf-8") as f:
+            identity = json.load(f)
+    except (OSError, ValueError):
+        raise UsageError(f"{out} holds no run (no readable run.json)") from None
+    evaluate = identity.get("command") == "evaluate"
+    pattern = "evaluate*.jsonl" if evaluate else "manifest*.jsonl"
+    logs = sorted(glob.glob(os.path.join(glob.escape(out), pattern)))
+    recs = merged_records(logs)
+    state: Dict[str, str] = {}
+    errors: Dict[str, str] = {}
+    for key, r in recs.items():
+        item = r.get("item") or key.split("|", 1)[0]
+        if r.get("status") == "done":
+            state.setdefault(item, "done")
+        else:
+            state[item] = "failed"
+            errors[item] = r.get("error") or ""
+    names = list(ids) if ids is not None else list(state)
+    done = sum(state.get(i) == "done" for i in names)
+    failed = sum(state.get(i) == "failed" for i in names)
+    return {"command": "evaluate" if evaluate else "explain", "total": len(names), "done": done, "failed": failed,
+            "pending": len(names) - done - failed, "failed_ids": {i: errors[i] for i in names if i in errors},
+            "logs": [os.path.basename(p) for p in logs]}
 
 
 def _check_config(cfg: RunConfig, classes: int):

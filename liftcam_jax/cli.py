@@ -21,7 +21,7 @@ import sys
 
 from .errors import LiftcamError
 
-COMMANDS = ("demo", "explain", "evaluate", "bench")
+COMMANDS = ("demo", "explain", "evaluate", "bench", "status")
 
 
 class _Parser(argparse.ArgumentParser):

@@ -436,6 +436,11 @@ class TfdsSource(Source):
         """Whether single examples can be read (:meth:`example`): array_record splits."""
         return self._reader is not None
 
+    @property
+    def sequential(self) -> bool:
+        """Read in storage order (TFRecord): several hosts take contiguous blocks of it."""
+        return self._iterate is not None
+
     def example(self, item: Item) -> dict:
         """The raw TFDS example of ``item`` (random access only); :class:`ItemError` if unreadable."""
         if self._reader is None:

@@ -332,7 +332,8 @@ class Results:
             ax.set_ylabel("softmax probability of the target")
             ax.set_xlim(0, 1)
             ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
+            if ax.lines:
+                ax.legend(fontsize=7)
         fig.tight_layout()
         return fig
 
@@ -429,7 +430,8 @@ def check_cam_applies(classifier) -> Optional[str]:
 def evaluate(classifier, data, methods="all", metrics="all", *, out_dir, config: Optional[EvalConfig] = None,
              limit: Optional[int] = None, redo: Sequence[str] = (), data_dir: Optional[str] = None,
              image_key: Optional[str] = None, label_key: Optional[str] = None, label_map=None,
-             run_info: Optional[dict] = None, grid: int = 4, quiet: bool = True, stderr=None) -> Results:
+             run_info: Optional[dict] = None, grid: int = 4, quiet: bool = True, stderr=None,
+             process_index: Optional[int] = None, process_count: Optional[int] = None) -> Results:
     """Explain labelled images with ``methods`` and score them with ``metrics`` (see the module doc).
 
     ``data``: a folder (``labels.csv``) or ``tfds:NAME[/CONFIG][@VERSION]:SPLIT``;
@@ -441,7 +443,15 @@ def evaluate(classifier, data, methods="all", metrics="all", *, out_dir, config:
     returns the :class:`Results`. Bad arguments raise :class:`UsageError` before
     any work; images that cannot be read or labelled fail alone
     (``results.summary["failed"]``).
+
+    Several processes (:mod:`liftcam_jax.distributed`; default JAX's process
+    index and count): each evaluates its share into its own log
+    ``evaluate-<p>-of-<P>.jsonl``, all meet at a barrier, and process 0 writes
+    the reports from every log: the same results as one process.
     """
+    import jax
+
+    from . import distributed
     from .batch import RunFolder, _num_classes
     from .data import label_mapping, open_labelled
 
@@ -474,10 +484,13 @@ def evaluate(classifier, data, methods="all", metrics="all", *, out_dir, config:
     identity = {"command": "evaluate", "data": data if data.startswith("tfds:") else os.path.abspath(data),
                 "model": classifier.name, "layer": classifier.layer, "label_map": label_map,
                 "input_size": int(classifier.preprocess.size), **cfg.identity(), **(run_info or {})}
-    folder = RunFolder(out_dir, identity, LOG, LOG)
+    pi = jax.process_index() if process_index is None else int(process_index)
+    pc = jax.process_count() if process_count is None else int(process_count)
+    log = LOG if pc == 1 else f"evaluate-{pi:05d}-of-{pc:05d}.jsonl"
+    folder = RunFolder(out_dir, identity, log, "evaluate*.jsonl", clean=pc == 1)
     t0 = time.perf_counter()
     todo = {}
-    for it in items:
+    for it in distributed.share(items, pi, pc, [getattr(source, "sequential", False)] * len(items)):
         ms = [m for m in methods if m in redo or not (
             folder.done(f"{it.id}|{m}") and set(metrics) <= set(folder.previous[f"{it.id}|{m}"].get("computed", ())))]
         if ms:
@@ -501,11 +514,13 @@ def evaluate(classifier, data, methods="all", metrics="all", *, out_dir, config:
                   shap_chunk=cfg.shap_chunk, tie_break=cfg.tie_break)
     if fractions is not None:
         config["fractions"] = [float(f) for f in fractions]
-    records = _io.latest(_io.read_jsonl(os.path.join(folder.path, LOG)))
-    results = aggregate(records, [it.id for it in items], methods, metrics, config, notes)
+    if pc > 1:  # every share is in the logs before process 0 reads them
+        distributed.barrier(f"liftcam-jax-evaluate-{os.path.abspath(folder.path)}")
+    results = aggregate(folder.records(), [it.id for it in items], methods, metrics, config, notes)
     results.summary = dict(summary, seconds=time.perf_counter() - t0)
-    results.save(folder.path, stderr=err)
-    _grid(folder.path, classifier, methods, grid_ids, results)
+    if pi == 0:
+        results.save(folder.path, stderr=err)
+        _grid(folder.path, classifier, methods, grid_ids, results)
     return results
 
 

@@ -38,3 +38,26 @@ def add_tfds_arguments(parser) -> None:
                         help="how dataset labels map to the model's classes: 'identity' (label i is class i) or a "
                              "JSON file {\"label name\": class index}; default: by WordNet id (n01440764...) or "
                              "equal class names, else an error")
+
+
+def add_distributed_arguments(parser) -> None:
+    """``--distributed`` (JAX detects the cluster) or ``--coordinator``/``--num-processes``/``--process-id``."""
+    g = parser.add_argument_group("several hosts (one process per host; see liftcam_jax.distributed)")
+    g.add_argument("--distributed", action="store_true",
+                   help="join JAX's distributed runtime, detecting the cluster (Cloud TPU pod slice, SLURM, ...) "
+                        "or reading JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID")
+    g.add_argument("--coordinator", default=None, metavar="HOST:PORT", help="address of process 0")
+    g.add_argument("--num-processes", type=positive_int, default=None, help="number of processes (hosts)")
+    g.add_argument("--process-id", type=int, default=None, help="this process's id, 0 .. N-1")
+    g.add_argument("--init-timeout", type=positive_int, default=60,
+                   help="seconds to wait for the coordinator (default 60)")
+
+
+def join_cluster(args):
+    """Join the distributed runtime when the arguments ask for it; returns ``(index, count)`` or ``None``."""
+    explicit = any(v is not None for v in (args.coordinator, args.num_processes, args.process_id))
+    if not (args.distributed or explicit):
+        return None
+    from ..distributed import initialize
+
+    return initialize(args.coordinator, args.num_processes, args.process_id, timeout=args.init_timeout)

@@ -36,7 +36,7 @@ from .. import evaluation as E
 from .. import methods as _methods
 from .. import metrics as M
 from ..errors import UsageError
-from ._args import add_model_arguments, add_tfds_arguments, positive_int
+from ._args import add_distributed_arguments, add_model_arguments, add_tfds_arguments, join_cluster, positive_int
 
 LOG = E.LOG
 
@@ -83,6 +83,7 @@ def add_arguments(parser):
     g.add_argument("--data-dir", default=None, help="TFDS data dir (default: TFDS's)")
     add_tfds_arguments(g)
     g.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
+    add_distributed_arguments(parser)
 
 
 def run(args, zoo) -> int:
@@ -99,6 +100,7 @@ def run(args, zoo) -> int:
                           topk=args.topk, batch_size=args.batch_size, step_chunk=args.step_chunk,
                           shap_chunk=args.shap_chunk)
     config.check(metrics)  # before the model loads
+    join_cluster(args)  # several hosts: each evaluates its share, process 0 writes the results
     names = list(zoo.names())
     if args.model not in names:
         raise UsageError(f"unknown model {args.model!r}; valid models: {', '.join(names)}")

@@ -23,7 +23,7 @@ import argparse
 
 from .. import methods as _methods
 from ..errors import UsageError
-from ._args import add_model_arguments, add_tfds_arguments, positive_int
+from ._args import add_distributed_arguments, add_model_arguments, add_tfds_arguments, join_cluster, positive_int
 
 
 def _target(text: str):
@@ -58,9 +58,7 @@ def add_arguments(parser):
     parser.add_argument("--alpha", type=float, default=0.5, help="heat-map weight in the overlays (default 0.5)")
     parser.add_argument("--cmap", default="jet", help="overlay colormap: jet, hot or gray (default jet)")
     parser.add_argument("--seed", type=int, default=0, help="PRNG seed for randomised methods (default 0)")
-    parser.add_argument("--distributed", action="store_true",
-                        help="several hosts: call jax.distributed.initialize() (cluster settings from the "
-                             "environment); each host explains its share of the inputs on its own devices")
+    add_distributed_arguments(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
 
 
@@ -68,13 +66,7 @@ def run(args, zoo) -> int:
     from .. import batch
 
     _methods.get(args.method)  # a bad name fails before the model loads
-    if args.distributed:
-        import jax
-
-        try:
-            jax.distributed.initialize()
-        except Exception as e:  # no cluster found, or a bad coordinator address
-            raise UsageError(f"--distributed: jax.distributed.initialize() failed: {str(e).splitlines()[0]}") from None
+    join_cluster(args)  # several hosts: before JAX starts its backend
     names = list(zoo.names())
     if args.model not in names:
         raise UsageError(f"unknown model {args.model!r}; valid models: {', '.join(names)}")
