@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .. import rescale
-from ..errors import UsageError
+from ..errors import UsageError, positive_int
 from ..explanation import Attribution
 from .registry import register
 
@@ -227,9 +227,7 @@ def _is_piecewise_linear(head, params, activations) -> bool:
 
 
 def _chunk(chunk_size) -> int:
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
-        raise UsageError(f"chunk_size must be a positive integer, got {chunk_size!r}")
-    return int(chunk_size)
+    return positive_int("chunk_size", chunk_size)
 
 
 @register("grad-cam++", summary="Grad-CAM++: higher-order pixel weighting of positive gradients (Chattopadhay et al., WACV 2018)")
