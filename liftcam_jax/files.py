@@ -36,6 +36,7 @@ __all__ = [
     "write_npz",
     "write_png",
     "check_writable",
+    "latest",
 ]
 
 

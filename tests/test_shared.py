@@ -100,8 +100,9 @@ def test_zoo_cache_write_is_atomic_and_readable(monkeypatch, tmp_path):
 
 def test_io_is_a_deprecated_alias_of_files():
     from liftcam_jax import io as old
+    import liftcam_jax.io
 
-    assert old.atomic_write is files.atomic_write and old.Manifest is files.Manifest
+    assert old is files and liftcam_jax.io is files and old.latest is files.latest
 
 
 # --- the console script ---------------------------------------------------------
