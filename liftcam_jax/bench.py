@@ -64,7 +64,7 @@ import jax
 import jax.numpy as jnp
 
 from . import methods as _methods
-from .errors import UsageError
+from .errors import UsageError, positive_int
 from .explain import explainer
 from .model import Split
 
@@ -510,13 +510,11 @@ def bench(
     specs = [m if isinstance(m, MethodSpec) else parse_method_spec(m) for m in methods]
     if not specs:
         raise UsageError("no methods to benchmark")
-    batch_sizes = [int(b) for b in batch_sizes]
-    if not batch_sizes or min(batch_sizes) < 1:
-        raise UsageError(f"batch sizes must be positive integers, got {batch_sizes}")
-    if int(repeats) < 1:
-        raise UsageError(f"repeats must be at least 1, got {repeats}")
-    if int(warmup) < 0:
-        raise UsageError(f"warmup must be 0 or more, got {warmup}")
+    if not batch_sizes:
+        raise UsageError("no batch sizes to benchmark")
+    batch_sizes = [positive_int("batch size", b) for b in batch_sizes]
+    repeats = positive_int("repeats", repeats)
+    warmup = positive_int("warmup", warmup, minimum=0)
     input_shape = tuple(int(s) for s in input_shape)
     log = log or (lambda s: None)
     started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")

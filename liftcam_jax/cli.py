@@ -8,20 +8,26 @@ The CLI is generic over a *zoo*: any object (a module will do) with
   to get one), ``"random"``, or a checkpoint path;
 * ``sample_images() -> list[pathlib.Path]``: photos for the demo.
 
-The library never imports a zoo; the ``liftcam-jax`` console script passes the
-Flax zoo in ``models`` (``models.cli:main``). User mistakes print one line,
-``liftcam-jax: error: ...``, and exit with status 2.
+The library never imports a zoo by name: the ``liftcam-jax`` console script
+(:func:`console_main`) loads the one a package declares in the
+``liftcam_jax.zoos`` entry-point group (this project declares its Flax zoo,
+``models``; ``python -m models.cli`` runs the same CLI over it directly). User
+mistakes print one line, ``liftcam-jax: error: ...``, and exit with status 2.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.metadata
 import os
+import re
 import sys
 
-from .errors import LiftcamError
+from .errors import LiftcamError, UsageError, one_line
 
 COMMANDS = ("demo", "explain", "evaluate", "bench", "status")
+ZOO_GROUP = "liftcam_jax.zoos"
+ZOO_VARIABLE = "LIFTCAM_JAX_ZOO"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -40,8 +46,9 @@ def enable_compilation_cache(path: str | None = None) -> None:
     ``$LIFTCAM_JAX_CACHE/params``."""
     import jax
 
-    root = os.environ.get("LIFTCAM_JAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "liftcam-jax")
-    path = path or os.path.join(root, "xla")
+    from .files import cache_root
+
+    path = path or cache_root("xla")
     try:
         os.makedirs(path, exist_ok=True)
         jax.config.update("jax_compilation_cache_dir", path)
@@ -50,15 +57,24 @@ def enable_compilation_cache(path: str | None = None) -> None:
         pass
 
 
+def plain(text: str) -> str:
+    """Docstring reST as terminal text: ``code`` and :role:`target` lose their markup."""
+    text = re.sub(r":[\w:]+:`~?([^`]+)`", r"\1", text)
+    return re.sub(r"``(.+?)``", r"\1", text)
+
+
 def build_parser(zoo) -> argparse.ArgumentParser:
-    parser = _Parser(prog="liftcam-jax", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="liftcam-jax", description=plain(__doc__.splitlines()[0]))
     from . import __version__
 
     parser.add_argument("--version", action="version", version=f"liftcam-jax {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name in COMMANDS:
         mod = importlib.import_module(f".commands.{name}", __package__)
-        p = sub.add_parser(name, help=mod.__doc__.strip().splitlines()[0], description=mod.__doc__)
+        doc = plain(mod.__doc__.strip())
+        summary = doc.splitlines()[0].removeprefix(f"{name}:").strip()
+        p = sub.add_parser(name, help=summary, description=doc,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
         mod.add_arguments(p)
         p.set_defaults(_run=mod.run)
     return parser
@@ -84,3 +100,35 @@ def main(argv=None, zoo=None) -> int:
         return _fail("interrupted")
     except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as e:
         return _fail(f"{e.strerror or e}: {e.filename}" if getattr(e, "filename", None) else str(e))
+
+
+def find_zoo():
+    """The model zoo a package declares in the ``liftcam_jax.zoos`` entry-point group, loaded.
+
+    One declared zoo is used; with several, ``$LIFTCAM_JAX_ZOO`` names one. No
+    zoo (or an unknown name) is a one-line :class:`UsageError`.
+    """
+    found = {ep.name: ep for ep in importlib.metadata.entry_points(group=ZOO_GROUP)}
+    if not found:
+        raise UsageError(f"no model zoo is installed (a package that declares a {ZOO_GROUP!r} entry point; "
+                         "this project's: pip install -e .)")
+    wanted = os.environ.get(ZOO_VARIABLE)
+    if wanted is None and len(found) > 1:
+        raise UsageError(f"several model zoos are installed ({', '.join(sorted(found))}); "
+                         f"choose one with {ZOO_VARIABLE}=NAME")
+    name = wanted if wanted is not None else next(iter(found))
+    if name not in found:
+        raise UsageError(f"{ZOO_VARIABLE}={name!r} is not an installed model zoo; installed: {', '.join(sorted(found))}")
+    try:
+        return found[name].load()
+    except Exception as e:
+        raise UsageError(f"cannot load model zoo {name!r} ({found[name].value}): {one_line(e)}") from None
+
+
+def console_main(argv=None) -> int:
+    """The ``liftcam-jax`` console script: :func:`main` over the installed zoo (:func:`find_zoo`)."""
+    try:
+        zoo = find_zoo()
+    except UsageError as e:
+        return _fail(str(e))
+    return main(argv, zoo=zoo)

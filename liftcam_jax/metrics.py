@@ -80,6 +80,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .errors import positive_int
 from .image import gaussian_blur
 
 Array = Any
@@ -144,14 +145,10 @@ def step_counts(num_pixels: int, step: Optional[int] = None, num_steps: Optional
     if (step is None) == (num_steps is None):
         raise ValueError("give exactly one of step and num_steps")
     if step is not None:
-        step = int(step)
-        if step < 1:
-            raise ValueError(f"step must be >= 1 pixel, got {step}")
+        step = positive_int("step", step)
         n = -(-num_pixels // step)
         return np.minimum(np.arange(n + 1, dtype=np.int64) * step, num_pixels)
-    num_steps = int(num_steps)
-    if num_steps < 1:
-        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    num_steps = positive_int("num_steps", num_steps)
     return (np.arange(num_steps + 1, dtype=np.int64) * num_pixels) // num_steps
 
 

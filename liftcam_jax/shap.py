@@ -66,7 +66,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .errors import UsageError
+from .errors import UsageError, positive_int
 
 __all__ = [
     "DEFAULT_CHUNK",
@@ -99,14 +99,6 @@ class ShapleyValues(NamedTuple):
     stderr: Array
 
 
-def _positive_int(name, value, *, even=False, minimum=1) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise UsageError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    if even and value % 2:
-        raise UsageError(f"{name} must be even (samples come in antithetic/complementary pairs), got {value}")
-    return int(value)
-
-
 def _targets(targets, batch):
     return jnp.broadcast_to(jnp.asarray(targets, jnp.int32), (batch,))
 
@@ -126,7 +118,7 @@ def coalition_values(head: Callable, params, activations: Array, targets: Array,
     Returns:
       ``(N, B)``: ``head(A * mask_n)[b, targets[b]]``.
     """
-    chunk_size = _positive_int("chunk_size", chunk_size)
+    chunk_size = positive_int("chunk_size", chunk_size)
     a = activations
     t = _targets(targets, a.shape[0])
     masks = jnp.asarray(masks, a.dtype)
@@ -198,7 +190,7 @@ def permutation_shapley(head: Callable, params, activations: Array, targets: Arr
     ``v(N) - v(empty)``, so the estimate is efficient exactly. The standard
     error is the standard deviation of the pair means over ``sqrt(#pairs)``.
     """
-    p = _positive_int("num_permutations", num_permutations, even=True, minimum=4)
+    p = positive_int("num_permutations", num_permutations, even=True, minimum=4)
     a = activations
     b, k = a.shape[0], a.shape[-1]
     t = _targets(targets, b)
@@ -242,7 +234,7 @@ def kernel_shap(head: Callable, params, activations: Array, targets: Array, key,
     so the standard errors then reflect only the identified directions.
     See the module docstring for the estimator and its standard error.
     """
-    n = _positive_int("num_samples", num_samples, even=True, minimum=4) // 2
+    n = positive_int("num_samples", num_samples, even=True, minimum=4) // 2
     a = activations
     b, k = a.shape[0], a.shape[-1]
     if k < 2:

@@ -7,7 +7,7 @@
   the blend used by the CAM papers' figures (pytorch-grad-cam's
   ``show_cam_on_image`` with ``image_weight = 1 - alpha``).
 * :func:`grid`: rows of images in one picture, with optional captions.
-* :func:`write_png`: an atomic PNG write (:mod:`liftcam_jax.io`).
+* :func:`write_png`: an atomic PNG write (:mod:`liftcam_jax.files`).
 
 Maps are drawn on the image the model saw (the resized input), at the same
 size: no second resampling happens here.
@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from .io import write_png
+from .files import write_png
 
 __all__ = ["CMAPS", "colorize", "overlay", "grid", "to_rgb_uint8", "write_png"]
 

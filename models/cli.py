@@ -1,4 +1,5 @@
-"""The ``liftcam-jax`` console script: the library's CLI over this Flax zoo."""
+"""The library's CLI over this Flax zoo: ``python -m models.cli`` (the ``liftcam-jax`` console
+script finds the same zoo through the ``liftcam_jax.zoos`` entry point in pyproject.toml)."""
 import sys
 
 

@@ -20,7 +20,6 @@ import importlib
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Callable, Dict, List
 
@@ -28,6 +27,7 @@ import jax
 import numpy as np
 
 from liftcam_jax.errors import UsageError
+from liftcam_jax.files import cache_root, write_npz
 from liftcam_jax.model import Classifier
 
 from . import convert
@@ -96,10 +96,8 @@ def sample_images() -> List[Path]:
 
 
 def cache_dir() -> Path:
-    """Where converted pretrained parameters are cached."""
-    root = os.environ.get("LIFTCAM_JAX_CACHE") or os.path.join(
-        os.path.expanduser("~"), ".cache", "liftcam-jax")
-    return Path(root) / "params"
+    """Where converted pretrained parameters are cached: :func:`liftcam_jax.files.cache_root` ``/params``."""
+    return Path(cache_root("params"))
 
 
 def _packaged_checkpoint(variant: int) -> Callable[[], Path]:
@@ -180,18 +178,9 @@ def _read_cache(file: Path, model: StagedModel):
 
 
 def _write_cache(file: Path, params) -> None:
-    """Write atomically (temp file + rename); a read-only cache is not an error."""
+    """Write atomically (:func:`liftcam_jax.files.write_npz`); a read-only cache is not an error."""
     try:
-        file.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=file.parent, prefix=file.stem, suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, **{k: np.asarray(v) for k, v in _flatten(params).items()})
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, file)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        write_npz(file, compress=False, **_flatten(params))
     except OSError:
         pass
 

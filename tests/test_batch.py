@@ -1,4 +1,4 @@
-"""Batch explaining (liftcam_jax.batch.run) and crash-safe files (liftcam_jax.io), in process.
+"""Batch explaining (liftcam_jax.batch.run) and crash-safe files (liftcam_jax.files), in process.
 
 The outputs are checked against :func:`liftcam_jax.explain` called directly on
 the same preprocessed inputs, so the pipeline (decode, preprocess, pad,
@@ -15,7 +15,7 @@ from PIL import Image
 sys.path.insert(0, os.path.dirname(__file__))
 import fake_zoo  # noqa: E402
 
-from liftcam_jax import batch, explain, io as lio, viz  # noqa: E402
+from liftcam_jax import batch, explain, files as lio, viz  # noqa: E402
 from liftcam_jax.errors import UsageError  # noqa: E402
 
 
@@ -209,7 +209,7 @@ def test_limit_and_batch_rounding_note(tmp_path, clf, capsys):
 
 
 # ---------------------------------------------------------------------------
-# liftcam_jax.io
+# liftcam_jax.files
 # ---------------------------------------------------------------------------
 
 def test_atomic_write_keeps_the_old_file_on_failure(tmp_path):

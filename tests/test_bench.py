@@ -158,7 +158,9 @@ def test_cli_writes_json_and_markdown(tmp_path, capsys):
     (["--methods", "lift-cam:eps"], "write NAME:KEY=VALUE"),
     (["--batch-sizes", "0"], "--batch-sizes takes comma-separated positive integers"),
     (["--batch-sizes", "a,b"], "--batch-sizes takes comma-separated positive integers"),
-    (["--repeats", "0"], "--repeats must be at least 1"),
+    (["--repeats", "0"], "argument --repeats: expected a positive integer, got '0'"),
+    (["--warmup", "-1"], "--warmup must be an integer >= 0, got -1"),
+    (["--methods", ""], "no methods given; valid methods: "),
     (["--out", "table.txt"], "must end in .json or .md"),
     (["--model", "vgg99"], "unknown model 'vgg99'; valid models: tiny"),
 ])

@@ -117,3 +117,5 @@ def test_notebook_runs_on_cpu(name, tmp_path, monkeypatch):
     for i, cell in enumerate(nb.cells):
         if cell.cell_type == "code":
             assert cell.execution_count is not None, f"{name} cell {i - 1} did not run"
+    written = sorted(os.listdir(tmp_path))  # the working directory: everything goes under OUT_ROOT
+    assert written in ([], ["liftcam-out"]), f"{name} wrote outside its OUT_ROOT folder: {written}"

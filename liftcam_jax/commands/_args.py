@@ -3,16 +3,15 @@ from __future__ import annotations
 
 import argparse
 
+from .. import errors
+
 
 def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1 (a clear one-line error otherwise)."""
+    """argparse type: an integer >= 1 (:func:`liftcam_jax.errors.positive_int`; argparse names the option)."""
     try:
-        v = int(text)
-    except ValueError:
-        v = 0
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return v
+        return errors.positive_int("value", int(text))
+    except ValueError:  # not an integer, or UsageError (a ValueError): below 1
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
 
 
 def add_model_arguments(parser, *, model_default=None, weights_default=None, weights_help=None) -> None:

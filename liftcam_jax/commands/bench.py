@@ -19,27 +19,19 @@ import sys
 from pathlib import Path
 
 from .. import methods as _methods
-from ..errors import UsageError
-from ..io import write_bytes
+from ..errors import UsageError, positive_int
+from ..files import write_bytes
+from . import _args
 
 
 def _int_list(text: str):
     try:
-        values = [int(v) for v in str(text).replace(" ", "").split(",") if v]
-    except ValueError:
-        raise UsageError(f"--batch-sizes takes comma-separated positive integers, got {text!r}") from None
-    if not values or min(values) < 1:
+        values = [positive_int("--batch-sizes", int(v)) for v in str(text).replace(" ", "").split(",") if v]
+    except ValueError:  # not an integer, or below 1 (UsageError is a ValueError)
+        values = []
+    if not values:
         raise UsageError(f"--batch-sizes takes comma-separated positive integers, got {text!r}")
     return values
-
-
-def _method_list(text: str):
-    items = [m.strip() for m in str(text).split(",") if m.strip()]
-    if items == ["all"]:
-        return list(_methods.names())
-    if not items:
-        raise UsageError(f"--methods is empty; valid methods: {', '.join(_methods.names())}, or 'all'")
-    return items
 
 
 def add_arguments(parser):
@@ -55,7 +47,7 @@ def add_arguments(parser):
              "registered method (default: lift-cam)",
     )
     parser.add_argument("--batch-sizes", default="1", help="comma-separated batch sizes (default: 1)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed calls per measurement; the median is reported (default: 5)")
+    parser.add_argument("--repeats", type=_args.positive_int, default=5, help="timed calls per measurement; the median is reported (default: 5)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed calls after the compiling call (default: 1)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default: 0)")
     parser.add_argument(
@@ -76,12 +68,9 @@ def run(args, zoo) -> int:
     for p in outs:
         if p.suffix.lower() not in (".json", ".md"):
             raise UsageError(f"--out {p}: the file name must end in .json or .md")
-    specs = [parse_method_spec(m) for m in _method_list(args.methods)]
+    specs = [parse_method_spec(m) for m in _methods.parse_names(args.methods, allow_options=True).names]
     batch_sizes = _int_list(args.batch_sizes)
-    if args.repeats < 1:
-        raise UsageError(f"--repeats must be at least 1, got {args.repeats}")
-    if args.warmup < 0:
-        raise UsageError(f"--warmup must be 0 or more, got {args.warmup}")
+    positive_int("--warmup", args.warmup, minimum=0)
     names = list(zoo.names())
     if args.model not in names:
         raise UsageError(f"unknown model {args.model!r}; valid models: {', '.join(names)}")

@@ -35,15 +35,8 @@ def add_arguments(parser):
 def _methods(spec: str):
     from .. import methods
 
-    available = methods.names()
-    if spec == "all":
-        return list(available)
-    if spec == "default":
-        return [m for m in available if m not in SLOW]
-    chosen = [m.strip() for m in spec.split(",") if m.strip()]
-    for m in chosen:
-        methods.get(m)  # UsageError listing the valid ones
-    return chosen
+    default = [m for m in methods.names() if m not in SLOW]
+    return methods.parse_names(spec, groups={"default": default}).names
 
 
 def _timed(fn, *args, repeats=3):
@@ -67,7 +60,7 @@ def run(args, zoo) -> int:
 
     import liftcam_jax as lj
     from ..data import decode_image
-    from ..io import check_writable
+    from ..files import check_writable
     from ..viz import grid, overlay, write_png
 
     check_writable(args.out)

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .. import rescale
-from ..errors import UsageError
+from ..errors import UsageError, positive_int
 from ..explanation import Attribution
 from .registry import register
 
@@ -68,17 +68,20 @@ def _spatial_sum(a, keepdims=False):
 # ---------------------------------------------------------------------------
 
 def _probe_params(params):
-    """Random positive parameters shaped like ``params`` (concrete, for a structural check)."""
-    leaves, tree = jax.tree_util.tree_flatten(params)
-    keys = jax.random.split(jax.random.PRNGKey(20160627), max(len(leaves), 1))
-    out = []
-    for k, leaf in zip(keys, leaves):
+    """Random positive parameters shaped like ``params`` (concrete, for a structural check).
+
+    Drawn with numpy: ``jax.random`` would compile one program per distinct
+    leaf shape (a whole model's parameters: tens of seconds).
+    """
+    rng = np.random.default_rng(20160627)
+
+    def draw(leaf):
         shape, dtype = jnp.shape(leaf), jnp.result_type(leaf)
         if jnp.issubdtype(dtype, jnp.inexact):
-            out.append(jax.random.uniform(k, shape, dtype, 0.5, 1.5))
-        else:
-            out.append(jnp.ones(shape, dtype))
-    return jax.tree_util.tree_unflatten(tree, out)
+            return rng.uniform(0.5, 1.5, shape).astype(dtype)
+        return np.ones(shape, dtype)
+
+    return jax.tree_util.tree_map(draw, params)
 
 
 def check_cam_head(head, params, activations, *, rtol: float = 1e-4) -> None:
@@ -114,10 +117,10 @@ def check_cam_head(head, params, activations, *, rtol: float = 1e-4) -> None:
     dtype = jnp.result_type(activations)
     with jax.ensure_compile_time_eval():
         probe = _probe_params(params)
-        k1, k2 = jax.random.split(jax.random.PRNGKey(2016))
-        a = jax.random.uniform(k1, shape, dtype)
+        rng = np.random.default_rng(2016)
+        a = rng.uniform(0.0, 1.0, shape).astype(dtype)
         out, vjp = jax.vjp(lambda z: head(probe, z), a)
-        (g,) = vjp(jax.random.normal(k2, out.shape, out.dtype))
+        (g,) = vjp(rng.standard_normal(out.shape).astype(out.dtype))
         g = np.asarray(g)
     spread = np.max(np.abs(g - g.mean(axis=SPATIAL, keepdims=True)))
     scale = np.max(np.abs(g))
@@ -227,9 +230,7 @@ def _is_piecewise_linear(head, params, activations) -> bool:
 
 
 def _chunk(chunk_size) -> int:
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
-        raise UsageError(f"chunk_size must be a positive integer, got {chunk_size!r}")
-    return int(chunk_size)
+    return positive_int("chunk_size", chunk_size)
 
 
 @register("grad-cam++", summary="Grad-CAM++: higher-order pixel weighting of positive gradients (Chattopadhay et al., WACV 2018)")

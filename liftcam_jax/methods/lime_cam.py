@@ -31,7 +31,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from ..errors import UsageError
+from ..errors import UsageError, positive_int
 from ..explanation import Attribution
 from ..shap import DEFAULT_CHUNK, coalition_values
 from .registry import register
@@ -171,9 +171,7 @@ def lime_cam_coefficients(head, params, activations, targets, key, *, num_sample
         raise UsageError("lime-cam draws random masks and needs a PRNG key (key=jax.random.PRNGKey(0))")
     a = activations
     k = a.shape[-1]
-    n = k if num_samples is None else num_samples
-    if isinstance(n, bool) or not isinstance(n, int) or n < 2:
-        raise UsageError(f"num_samples must be an integer >= 2, got {num_samples!r}")
+    n = k if num_samples is None else positive_int("num_samples", num_samples, minimum=2)
     masks = jax.random.bernoulli(key, 0.5, (n, k)).astype(a.dtype)
     y = coalition_values(head, params, a, targets, masks, chunk_size=chunk_size)  # (N, B)
     w = cosine_kernel_weights(a, masks, kernel_width)  # (N, B)

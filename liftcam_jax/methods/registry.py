@@ -13,7 +13,7 @@ whatever it wants to report; the map is assembled by
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Dict
+from typing import Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence
 
 from ..errors import UsageError
 
@@ -57,3 +57,40 @@ def get(name: str) -> Method:
 
 def names() -> tuple:
     return tuple(_REGISTRY)
+
+
+class MethodList(NamedTuple):
+    """What :func:`parse_names` read: the method ``names`` (each ``NAME`` or, with options,
+    ``NAME:KEY=VALUE...``), and whether they were listed one by one (``explicit``) rather
+    than as ``all`` or another group."""
+
+    names: List[str]
+    explicit: bool
+
+
+def parse_names(text: str, *, allow_options: bool = False,
+                groups: Optional[Mapping[str, Sequence[str]]] = None) -> MethodList:
+    """Parse ``"all"`` or a comma-separated list of method names (the CLI's ``--methods``).
+
+    Every name must be registered (:class:`UnknownMethodError` names the valid
+    ones); repeats are dropped, the order is kept. ``all`` is every registered
+    method; ``groups`` adds other such words (e.g. ``{"default": [...]}``). With
+    ``allow_options`` an item may carry options, ``NAME:KEY=VALUE[:KEY=VALUE]``,
+    kept as written for :func:`liftcam_jax.bench.parse_method_spec`; without, an
+    option is a :class:`~liftcam_jax.errors.UsageError`.
+    """
+    groups = {"all": names(), **(groups or {})}
+    words = ", ".join(repr(g) for g in groups)
+    items = [p.strip() for p in str(text).split(",") if p.strip()]
+    if not items:
+        raise UsageError(f"no methods given; valid methods: {', '.join(names())}, or {words}")
+    if len(items) == 1 and items[0] in groups:
+        return MethodList(list(groups[items[0]]), False)
+    for item in items:
+        name, colon, _ = item.partition(":")
+        if item in groups:
+            raise UsageError(f"{item!r} stands alone, not in a list of methods: {text!r}")
+        if colon and not allow_options:
+            raise UsageError(f"method options are not taken here: {item!r}; give method names only")
+        get(name.strip())  # UnknownMethodError lists the valid ones
+    return MethodList(list(dict.fromkeys(items)), True)
