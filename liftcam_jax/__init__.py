@@ -18,7 +18,7 @@ __version__ = "0.1.0"
 
 # The rest of the library loads on first use (``liftcam_jax.batch.run(...)`` works
 # after a plain ``import liftcam_jax``), keeping the import itself light.
-_LAZY = ("batch", "bench", "data", "files", "io", "metrics", "viz", "cli", "errors", "image", "model", "explanation")
+_LAZY = ("batch", "bench", "data", "distributed", "evaluation", "files", "metrics", "viz", "cli", "errors", "image", "model", "explanation")
 
 
 def __getattr__(name):

@@ -47,7 +47,7 @@ per input: ``id``, ``source``, ``status`` (``done``/``failed``),
 ``predicted_name``, ``label``, ``label_name``. ``run.json`` records the model, layer, method and target:
 resuming into a folder made by a different run is refused.
 
-**Crash safety.** Files are written atomically (:mod:`liftcam_jax.io`); an
+**Crash safety.** Files are written atomically (:mod:`liftcam_jax.files`); an
 item's manifest line is appended (and ``fsync``-ed) only after its files
 exist. Rerunning the same command after a crash, even ``kill -9``, skips the
 items whose last manifest line says ``done`` and whose files exist, retries
@@ -71,10 +71,10 @@ from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Union
 import numpy as np
 
 from . import distributed as _distributed
-from . import io as _io
+from . import files as _io
 from . import methods as _methods
 from .data import Item, ItemError, Source, open_inputs
-from .errors import LiftcamError, UsageError
+from .errors import LiftcamError, UsageError, one_line, positive_int
 
 __all__ = ["RunConfig", "RunFolder", "Summary", "manifest_name", "output_paths", "read_manifests", "run", "run_loop",
            "status"]
@@ -271,11 +271,6 @@ def _num_classes(classifier, size: int) -> int:
 # the reading thread
 # ---------------------------------------------------------------------------
 
-def _one_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return lines[0] if lines else type(e).__name__
-
-
 MAX_RESIZED_PIXELS = 1 << 26  # 67 Mpx: ~200 MB for the resized RGB intermediate
 
 
@@ -362,7 +357,7 @@ class Reader(threading.Thread):
             except MemoryError:
                 return self._emit(("fail", item, "out of memory while decoding"))
             except Exception as e:  # any other failure of one input is that input's failure
-                return self._emit(("fail", item, f"{type(e).__name__}: {_one_line(e)}"))
+                return self._emit(("fail", item, f"{type(e).__name__}: {one_line(e)}"))
             buf.append((item, x, shown, meta))
             if len(buf) == self.batch_size:
                 ok = self._emit(("batch", list(buf)))
@@ -646,10 +641,9 @@ def _check_config(cfg: RunConfig, classes: int):
     if cfg.save not in SAVE_MODES:
         raise UsageError(f"unknown save mode {cfg.save!r}; valid: {', '.join(SAVE_MODES)}")
     _methods.get(cfg.method)
-    if int(cfg.batch_size) < 1:
-        raise UsageError(f"batch size must be at least 1, got {cfg.batch_size}")
-    if cfg.limit is not None and int(cfg.limit) < 1:
-        raise UsageError(f"limit must be at least 1, got {cfg.limit}")
+    positive_int("batch size", cfg.batch_size)
+    if cfg.limit is not None:
+        positive_int("limit", cfg.limit)
     if cfg.cmap not in CMAPS:
         raise UsageError(f"unknown colormap {cfg.cmap!r}; valid: {', '.join(CMAPS)}")
     if not 0.0 <= float(cfg.alpha) <= 1.0:

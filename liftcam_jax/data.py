@@ -47,7 +47,7 @@ from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .errors import LiftcamError, UsageError
+from .errors import LiftcamError, UsageError, one_line
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -182,7 +182,7 @@ def array_to_rgb(a) -> np.ndarray:
 
 
 def _broken(e: BaseException) -> ItemError:
-    msg = _one_line(e)
+    msg = one_line(e)
     if "truncat" in msg.lower() or isinstance(e, EOFError):
         return ItemError(f"truncated image: {msg}")
     return ItemError(f"corrupt image: {msg}")
@@ -449,7 +449,7 @@ class TfdsSource(Source):
             with self._lock:
                 return self._reader[item.ref]
         except Exception as e:
-            raise ItemError(f"cannot read example {item.ref[1]} of split {item.ref[0]}: {_one_line(e)}") from None
+            raise ItemError(f"cannot read example {item.ref[1]} of split {item.ref[0]}: {one_line(e)}") from None
 
     def image(self, example) -> np.ndarray:
         """The RGB ``uint8`` image of a raw example (its ``image_key`` feature)."""
@@ -508,11 +508,6 @@ def _raiser(e: BaseException):
     return f
 
 
-def _one_line(e: BaseException) -> str:
-    msg = str(e).strip().splitlines()
-    return msg[0] if msg else type(e).__name__
-
-
 def _is_image_file(name: str) -> bool:
     return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
@@ -558,7 +553,7 @@ def _npy_source(path: str, size_hint=None) -> NpySource:
     try:
         arr = np.load(path, mmap_mode="r", allow_pickle=False)
     except (ValueError, OSError, EOFError) as e:
-        return NpySource(path, [Item(stem, path, "array", error=f"cannot read .npy: {_one_line(e)}")])
+        return NpySource(path, [Item(stem, path, "array", error=f"cannot read .npy: {one_line(e)}")])
     if not isinstance(arr, np.ndarray):
         return NpySource(path, [Item(stem, path, "array", error="not a single .npy array")])
     if arr.dtype.kind != "f":
@@ -700,7 +695,7 @@ def _tfds_source(spec_text: str, data_dir: Optional[str], download: bool, image_
     try:
         builder = tfds.builder(spec.tfds_name, data_dir=data_dir)
     except Exception as e:
-        raise UsageError(f"TFDS dataset {spec.tfds_name!r} not found in {where}: {_one_line(e)}") from None
+        raise UsageError(f"TFDS dataset {spec.tfds_name!r} not found in {where}: {one_line(e)}") from None
     if not builder.is_prepared():
         if not download:
             raise UsageError(f"TFDS dataset {spec.tfds_name!r} is not prepared in {where}; "
@@ -709,7 +704,7 @@ def _tfds_source(spec_text: str, data_dir: Optional[str], download: bool, image_
             builder = tfds.builder(spec.tfds_name, data_dir=data_dir, file_format="array_record")
             builder.download_and_prepare()
         except Exception as e:
-            raise UsageError(f"cannot download and prepare TFDS dataset {spec.tfds_name!r}: {_one_line(e)}") from None
+            raise UsageError(f"cannot download and prepare TFDS dataset {spec.tfds_name!r}: {one_line(e)}") from None
     try:  # what is on disk (a registered builder's code ignores formats added later, e.g. by tfds_to_array_record)
         builder = tfds.builder_from_directory(os.fspath(builder.data_dir))
     except Exception:  # pragma: no cover - an older layout: the registered builder's view
@@ -719,7 +714,7 @@ def _tfds_source(spec_text: str, data_dir: Optional[str], download: bool, image_
         instructions = tfds.core.ReadInstruction.from_spec(spec.split).to_absolute(splits)
     except Exception as e:
         raise UsageError(
-            f"bad split {spec.split!r} for TFDS dataset {name!r} ({_one_line(e)}); splits: {', '.join(sorted(splits))}"
+            f"bad split {spec.split!r} for TFDS dataset {name!r} ({one_line(e)}); splits: {', '.join(sorted(splits))}"
         ) from None
     features = builder.info.features
     image_key = _feature_key(features, tfds.features.Image, image_key, "image", name, required=True)
@@ -744,7 +739,7 @@ def _tfds_source(spec_text: str, data_dir: Optional[str], download: bool, image_
         try:
             readers = {s: builder.as_data_source(split=s, decoders=decoders) for s in split_names}
         except Exception as e:
-            raise UsageError(f"cannot open TFDS dataset {name!r} in {where}: {_one_line(e)}") from None
+            raise UsageError(f"cannot open TFDS dataset {name!r} in {where}: {one_line(e)}") from None
 
         class _Reader:
             def __getitem__(self, ref):
@@ -780,7 +775,7 @@ def tfds_to_array_record(name: str, data_dir: Optional[str] = None) -> str:
     import tensorflow_datasets as tfds
     from array_record.python import array_record_module
 
-    from . import io as _io
+    from . import files as _io
 
     builder = tfds.builder(name, data_dir=data_dir)
     if not builder.is_prepared():
@@ -952,7 +947,7 @@ def label_mapping(label_names: Sequence[str], num_classes: int, *, class_ids: Op
                 label_map = json.load(f)
         except (OSError, ValueError) as e:
             raise UsageError(f"cannot read the label map {os.fspath(label_map)!r} (a JSON object "
-                             f"{{\"label name\": class index}} or 'identity'): {_one_line(e)}") from None
+                             f"{{\"label name\": class index}} or 'identity'): {one_line(e)}") from None
     if not isinstance(label_map, dict):
         raise UsageError(f"a label map is 'identity', a dict or a JSON file, not {type(label_map).__name__}")
     for key, cls in label_map.items():

@@ -40,10 +40,10 @@ from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 
-from . import io as _io
+from . import files as _io
 from . import methods as _methods
 from . import metrics as M
-from .errors import UsageError
+from .errors import UsageError, positive_int
 
 __all__ = ["EvalConfig", "METRICS", "Metric", "Results", "evaluate", "parse_metrics", "register_metric"]
 
@@ -147,18 +147,6 @@ def parse_metrics(text: Union[str, Sequence[str]]) -> List[str]:
     return list(dict.fromkeys(parts))
 
 
-def parse_methods(text: Union[str, Sequence[str]]) -> tuple:
-    """``"all"``, a comma-separated string or a list -> ``(methods, explicit)``."""
-    parts = [p.strip() for p in (text.split(",") if isinstance(text, str) else text) if p.strip()]
-    if not parts:
-        raise UsageError(f"no methods given; valid methods: {', '.join(_methods.names())}, or all")
-    if parts == ["all"]:
-        return list(_methods.names()), False
-    for p in parts:
-        _methods.get(p)
-    return list(dict.fromkeys(parts)), True
-
-
 def _columns(metrics: Sequence[str]) -> List[tuple]:
     return [c for m in metrics for c in METRICS[m].columns]
 
@@ -216,9 +204,8 @@ class EvalConfig:
 
             if self.shap_method not in _shap.METHODS:
                 raise UsageError(f"unknown --shap-method {self.shap_method!r}; valid: {', '.join(_shap.METHODS)}")
-            if self.shap_method != "exact" and (self.shap_samples < 4 or self.shap_samples % 2):
-                raise UsageError(f"--shap-samples must be even and at least 4 (samples come in pairs), "
-                                 f"got {self.shap_samples}")
+            if self.shap_method != "exact":  # samples come in antithetic pairs
+                positive_int("--shap-samples", self.shap_samples, minimum=4, even=True)
 
     def identity(self) -> dict:
         d = dataclasses.asdict(self)
@@ -458,7 +445,8 @@ def evaluate(classifier, data, methods="all", metrics="all", *, out_dir, config:
     err = stderr if stderr is not None else sys.stderr
     cfg = config or EvalConfig()
     metrics = parse_metrics(metrics)
-    methods, explicit = parse_methods(methods)
+    methods, explicit = _methods.parse_names(methods if isinstance(methods, str) else ",".join(methods))
+    methods = list(methods)
     for r in redo:
         _methods.get(r)
         if r not in methods:

@@ -98,11 +98,12 @@ def test_zoo_cache_write_is_atomic_and_readable(monkeypatch, tmp_path):
     assert [p.name for p in file.parent.iterdir()] == ["w.npz"]  # no temporary left behind
 
 
-def test_io_is_a_deprecated_alias_of_files():
-    from liftcam_jax import io as old
-    import liftcam_jax.io
+def test_no_module_shadows_the_standard_library():
+    import importlib.util
+    import pathlib
 
-    assert old is files and liftcam_jax.io is files and old.latest is files.latest
+    root = pathlib.Path(importlib.util.find_spec("liftcam_jax").origin).parent
+    assert not (root / "io.py").exists() and (root / "files.py").exists()
 
 
 # --- the console script ---------------------------------------------------------
