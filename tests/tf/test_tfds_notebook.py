@@ -17,6 +17,6 @@ import test_notebooks  # noqa: E402
 def test_tfds_batch_notebook_reads_a_sharded_tfrecord_split(tmp_path, monkeypatch):
     monkeypatch.setenv("LIFTCAM_NOTEBOOK_TFDS_FORMAT", "tfrecord")
     test_notebooks.test_notebook_runs_on_cpu("tfds_batch.ipynb", tmp_path, monkeypatch)
-    shards = glob.glob(str(tmp_path / "tensorflow_datasets" / "**" / "*.tfrecord-*"), recursive=True)
-    assert len(shards) == 2 and not glob.glob(str(tmp_path / "tensorflow_datasets" / "**" / "*.array_record-*"),
-                                              recursive=True)
+    data_dir = tmp_path / "liftcam-out" / "tensorflow_datasets"  # the notebook's TFDS_DATA_DIR, under OUT_ROOT
+    shards = glob.glob(str(data_dir / "**" / "*.tfrecord-*"), recursive=True)
+    assert len(shards) == 2 and not glob.glob(str(data_dir / "**" / "*.array_record-*"), recursive=True)
