@@ -557,13 +557,13 @@ def run(classifier, inputs: Union[Sequence[str], Sequence[Source]], config: Opti
     cfg = dataclasses.replace(config or RunConfig(), **options)
     err = stderr if stderr is not None else sys.stderr
     t_start = time.perf_counter()
-    size = int(classifier.preprocess.size)
-    target = _check_config(cfg, _num_classes(classifier, size))
+    classes = _num_classes(classifier, int(classifier.preprocess.size))
+    target = _check_config(cfg, classes)
     sources = list(inputs)
     if not sources or not all(isinstance(s, Source) for s in sources):
         sources = open_inputs([os.fspath(s) for s in sources], data_dir=cfg.data_dir, download=cfg.download,
                               image_key=cfg.image_key, label_key=cfg.label_key)
-    class_of = _label_classes(classifier, sources, _num_classes(classifier, size), cfg.label_map,
+    class_of = _label_classes(classifier, sources, classes, cfg.label_map,
                               required=target == "label")
     pi = jax.process_index() if cfg.process_index is None else int(cfg.process_index)
     pc = jax.process_count() if cfg.process_count is None else int(cfg.process_count)

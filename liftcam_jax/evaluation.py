@@ -635,8 +635,7 @@ class _Evaluator:
                 self._record(item, meta, m, i, label, targets, preds, probs, cols, curves, maps, shown,
                              seconds / n, shap_v, shap_se)
             self.progress.update(len(rows), method=m)
-        for (item, *_), _ in good:
-            self.summary["done"] += 1
+        self.summary["done"] += len(good)
         return None
 
     def _record(self, item, meta, m, i, label, targets, preds, probs, cols, curves, maps, shown, seconds,
