@@ -45,7 +45,7 @@ from . import methods as _methods
 from . import metrics as M
 from .errors import UsageError, positive_int
 
-__all__ = ["EvalConfig", "METRICS", "Metric", "Results", "evaluate", "parse_metrics", "register_metric"]
+__all__ = ["EvalConfig", "METRICS", "Metric", "Results", "cosine_ceiling", "evaluate", "parse_metrics", "register_metric"]
 
 LOG = "evaluate.jsonl"
 
@@ -285,10 +285,13 @@ class Results:
             + f". Pointing game tolerance {cfg['tolerance']:g} px.",
         ]
         if "shap" in self.metrics:
-            se = [v for v in (self.aggregate.get(m, {}).get("shap_rel_stderr") for m in self.methods) if v is not None]
+            se, ceiling = ([v for v in (self.aggregate.get(m, {}).get(key) for m in self.methods) if v is not None]
+                           for key in ("shap_rel_stderr", "shap_cosine_ceiling"))
             md.append(f"SHAP values: {cfg['shap_method']} estimator, {cfg['shap_samples']} samples per image; "
                       f"top-{cfg['topk']} overlap" + (f"; mean relative standard error of the estimates "
-                                                      f"{se[0]:.3g}." if se else "."))
+                                                      f"{se[0]:.3g}" if se else "")
+                      + (f"; expected cosine of the estimates with the exact values {ceiling[0]:.4f} (the "
+                         "ceiling of the SHAP cosine column set by sampling error)" if ceiling else "") + ".")
         md += list(self.notes) + [""]
         return "\n".join(md) + "\n"
 
@@ -354,6 +357,20 @@ def _fmt(e, digits):
     return f"{e['mean']:.{digits}f} ± {(e['high'] - e['low']) / 2:.{digits}f}"
 
 
+def cosine_ceiling(values, stderr) -> float:
+    r"""The expected cosine of a Shapley estimate with the exact values: the sampling-error ceiling.
+
+    With :math:`\hat\phi = \phi + \varepsilon`, independent errors of standard deviations
+    :math:`s_k`: :math:`E\|\hat\phi\|^2 = \|\phi\|^2 + \sum_k s_k^2` and
+    :math:`\cos(\hat\phi, \phi) \approx \|\phi\| / \|\hat\phi\| = \sqrt{1 - \sum_k s_k^2 / \|\hat\phi\|^2}`.
+    A method that matched the exact values would score about this much on the SHAP cosine; a
+    method's cosine with the exact values is about its cosine with the estimate divided by it.
+    """
+    v, s = np.asarray(values, np.float64), np.asarray(stderr, np.float64)
+    total = float(np.sum(v * v))
+    return float(np.sqrt(max(1.0 - float(np.sum(s * s)) / total, 0.0))) if total > 0 else float("nan")
+
+
 def aggregate(records: Dict[str, dict], ids: Sequence[str], methods, metrics, config: dict, notes=()) -> Results:
     """The log's latest records (``"<id>|<method>"`` keys) of images ``ids`` -> :class:`Results`."""
     columns = [c for c, *_ in _columns(metrics)]
@@ -367,7 +384,7 @@ def aggregate(records: Dict[str, dict], ids: Sequence[str], methods, metrics, co
                 continue
             per_image.append({k: r.get(k) for k in ("item", "method", "label", "dataset_label", "label_name",
                                                    "target", "predicted", "target_prob", "explain_s", "metrics",
-                                                   "shap_stderr", "shap_rel_stderr")})
+                                                   "shap_stderr", "shap_rel_stderr", "shap_cosine_ceiling")})
             for c in columns:
                 v = (r.get("metrics") or {}).get(c)
                 vals[c].append(np.nan if v is None else float(v))
@@ -383,9 +400,10 @@ def aggregate(records: Dict[str, dict], ids: Sequence[str], methods, metrics, co
         for k, cs in curves.items():
             if cs and len({len(c) for c in cs}) == 1:
                 entry[f"mean_{k}_curve"] = [float(v) for v in np.mean(np.asarray(cs, np.float64), 0)]
-        se = [r["shap_rel_stderr"] for r in per_image if r["method"] == m and r.get("shap_rel_stderr") is not None]
-        if se:
-            entry["shap_rel_stderr"] = float(np.mean(se))
+        for key in ("shap_rel_stderr", "shap_cosine_ceiling"):
+            got = [r[key] for r in per_image if r["method"] == m and r.get(key) is not None]
+            if got:
+                entry[key] = float(np.mean(got))
         agg[m] = entry
     config = dict(config)
     if "fractions" not in config:
@@ -660,6 +678,7 @@ class _Evaluator:
         if shap_se is not None:
             rec["shap_stderr"] = _num(np.mean(shap_se[i]))
             rec["shap_rel_stderr"] = _num(np.mean(shap_se[i]) / max(np.mean(np.abs(shap_v[i])), 1e-30))
+            rec["shap_cosine_ceiling"] = _num(cosine_ceiling(shap_v[i], shap_se[i]))
         self.folder.append(rec)
 
 

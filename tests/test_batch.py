@@ -135,7 +135,10 @@ def test_resume_skips_done_redoes_missing_and_survives_a_torn_line(tmp_path, clf
     latest = batch.read_manifests(out)
     assert len(latest) == 6 and all(r["status"] == "done" for r in latest.values())
     for name, m in ref.items():
-        np.testing.assert_array_equal(np.load(out / "in" / name)["map"], m)
+        if name == "img03.npz":  # explained again, in a batch of another size: XLA may round differently
+            np.testing.assert_allclose(np.load(out / "in" / name)["map"], m, rtol=1e-5, atol=1e-6)
+        else:  # skipped: the file is the first run's, untouched
+            np.testing.assert_array_equal(np.load(out / "in" / name)["map"], m)
     # everything done: a third run does nothing
     s = batch.run(clf, [str(tmp_path / "in")], out_dir=out, quiet=True)
     assert (s.done, s.skipped) == (0, 6)

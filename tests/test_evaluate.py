@@ -369,3 +369,18 @@ def test_metrics_are_a_registry():
     assert ev.parse_metrics("ad, shap") == ["ad", "shap"] and ev.parse_metrics(["all"]) == list(ev.METRICS)
     with pytest.raises(Exception, match="unknown metric 'foo'"):
         ev.parse_metrics("foo")
+
+
+def test_cosine_ceiling_predicts_the_cosine_of_a_noisy_estimate():
+    """Simulated Shapley estimates with known standard errors: the ceiling is their cosine with the truth."""
+    from liftcam_jax.evaluation import cosine_ceiling
+
+    rng = np.random.default_rng(0)
+    for noise in (0.05, 0.3, 1.0):
+        phi = rng.standard_normal(1000) * rng.exponential(1.0, 1000)
+        s = noise * np.abs(phi).mean() * rng.uniform(0.5, 1.5, 1000)
+        est = phi + s * rng.standard_normal(1000)
+        truth = float(est @ phi / np.linalg.norm(est) / np.linalg.norm(phi))
+        assert abs(cosine_ceiling(est, s) - truth) < 0.02, (noise, cosine_ceiling(est, s), truth)
+    assert cosine_ceiling(np.ones(4), np.zeros(4)) == 1.0
+    assert cosine_ceiling(np.ones(4), 10 * np.ones(4)) == 0.0
