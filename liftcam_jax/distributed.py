@@ -60,6 +60,8 @@ def initialize(coordinator: Optional[str] = None, num_processes: Optional[int] =
     Arguments left ``None`` come from the environment, then from JAX's cluster
     detection. Bad or missing settings, and a coordinator that cannot be
     reached within ``timeout`` seconds, are one-line :class:`UsageError` s.
+    ``LIFTCAM_JAX_HEARTBEAT_S`` (default 100, JAX's) is how long the others wait
+    for a silent process before the runtime stops them.
     """
     import jax
 
@@ -84,8 +86,13 @@ def initialize(coordinator: Optional[str] = None, num_processes: Optional[int] =
         if process_id != 0:
             _wait_for(host, port, timeout)
     try:
+        heartbeat = int(os.environ.get("LIFTCAM_JAX_HEARTBEAT_S") or 100)
+    except ValueError:
+        raise UsageError(f"LIFTCAM_JAX_HEARTBEAT_S must be an integer (seconds), got "
+                         f"{os.environ['LIFTCAM_JAX_HEARTBEAT_S']!r}") from None
+    try:
         jax.distributed.initialize(coordinator, num_processes, process_id,
-                                   initialization_timeout=max(1, int(timeout)))
+                                   initialization_timeout=max(1, int(timeout)), heartbeat_timeout_seconds=heartbeat)
     except Exception as e:  # no cluster detected, bad settings
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UsageError(f"cannot join the distributed runtime: {first} (give --coordinator HOST:PORT "

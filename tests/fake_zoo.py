@@ -5,7 +5,9 @@ zoo. One model, ``tiny``: 32x32 inputs (``shorter_crop`` 36 -> 32), two conv
 stages (``conv1`` 8 channels, ``conv2`` 16 channels at 16x16, the default
 split), head ``GAP -> Dense(10)``. Weights: ``None``/``"random"`` = a fixed
 random initialisation. ``FAKE_ZOO_SLOW=<seconds>`` makes each image's
-preprocessing sleep that long (to kill a run part-way in the crash test).
+preprocessing sleep that long; ``FAKE_ZOO_BATCH_DELAY=<seconds>`` makes every
+batch's features take that long at run time (batches then finish one by one, so
+a crash test can kill a run part-way).
 """
 from __future__ import annotations
 
@@ -66,7 +68,11 @@ def _split(layer: str) -> Split:
     if layer not in _SPLITS:
         k = [n for n, _ in STAGES].index(layer) + 1
 
+        delay = float(os.environ.get("FAKE_ZOO_BATCH_DELAY", "0") or 0)
+
         def features(params, x, _stages=STAGES[:k]):
+            if delay:  # at run time, once per batch: one batch finishes every `delay` seconds
+                jax.debug.callback(lambda: time.sleep(delay))
             for name, mod in _stages:
                 x = mod.apply(params[name], x)
             return x

@@ -169,7 +169,9 @@ def test_one_process_killed_then_rerun_loses_nothing(tmp_path):
     inputs = _photos(tmp_path / "in", 10)
     args = [inputs, "--model", "tiny", "--save", "raw", "--batch-size", "1", "--quiet", "--out", tmp_path / "two"]
     port = _port()
-    procs = [_start("explain", args, i, port, FAKE_ZOO_SLOW="0.3") for i in range(2)]
+    # one batch (one image) per second on each host; the survivor learns of the death within the heartbeat
+    procs = [_start("explain", args, i, port, FAKE_ZOO_BATCH_DELAY="1", LIFTCAM_JAX_HEARTBEAT_S="10")
+             for i in range(2)]
     manifest1 = tmp_path / "two" / "manifest-00001-of-00002.jsonl"
     deadline = time.monotonic() + LIMIT_S
     while time.monotonic() < deadline and procs[1].poll() is None:
