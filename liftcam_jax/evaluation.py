@@ -270,6 +270,47 @@ class Results:
             lines.append("| " + " | ".join(row + ["n/a" if t is None else f"{t:.4f}", str(e.get("images", 0))]) + " |")
         return "\n".join(lines)
 
+    def paired(self, baseline: Optional[str] = None) -> Dict[str, dict]:
+        """Each method minus ``baseline``, image by image: ``{method: {column: {mean, low, high, n}}}``.
+
+        The difference is taken on the images where both have a value, and
+        summarised by its mean and Student-t 95% interval (a paired comparison:
+        the images' own difficulty cancels). ``baseline``: ``"lift-cam"`` when
+        evaluated, else the first method.
+        """
+        baseline = baseline or ("lift-cam" if "lift-cam" in self.methods else self.methods[0])
+        if baseline not in self.methods:
+            raise UsageError(f"baseline {baseline!r} was not evaluated ({', '.join(self.methods)})")
+        rows = {(r["item"], r["method"]): r.get("metrics") or {} for r in self.per_image}
+        items = sorted({i for i, _ in rows})
+        out = {}
+        for m in self.methods:
+            if m == baseline:
+                continue
+            out[m] = {}
+            for c, _, _, _ in _columns(self.metrics):
+                d = [float(rows[i, m][c]) - float(rows[i, baseline][c]) for i in items
+                     if rows.get((i, m), {}).get(c) is not None and rows.get((i, baseline), {}).get(c) is not None]
+                ci = M.mean_ci(d)
+                out[m][c] = {"mean": _num(ci.mean), "low": _num(ci.low), "high": _num(ci.high), "n": ci.n}
+        return out
+
+    def paired_table(self, baseline: Optional[str] = None) -> str:
+        """:meth:`paired` as a markdown table: mean [95% interval] of each method minus the baseline."""
+        baseline = baseline or ("lift-cam" if "lift-cam" in self.methods else self.methods[0])
+        diffs = self.paired(baseline)
+        cols = _columns(self.metrics)
+        lines = ["| Method | " + " | ".join(f"Δ {h} {'↓' if b == 'lower' else '↑'}" for _, h, b, _ in cols) + " |",
+                 "|" + "---|" * (len(cols) + 1)]
+        for m, row in diffs.items():
+            cells = []
+            for c, _, _, digits in cols:
+                e = row[c]
+                cells.append("n/a" if e["n"] == 0 else
+                             f"{e['mean']:+.{digits}f} [{e['low']:+.{digits}f}, {e['high']:+.{digits}f}]")
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
+        return "\n".join(lines)
+
     def to_markdown(self) -> str:
         cfg = self.config
         md = [
@@ -292,6 +333,11 @@ class Results:
                                                       f"{se[0]:.3g}" if se else "")
                       + (f"; expected cosine of the estimates with the exact values {ceiling[0]:.4f} (the "
                          "ceiling of the SHAP cosine column set by sampling error)" if ceiling else "") + ".")
+        if len(self.methods) > 1:
+            baseline = "lift-cam" if "lift-cam" in self.methods else self.methods[0]
+            md += ["", f"Each method minus {baseline}, image by image: mean [Student-t 95% interval] of the "
+                   "paired differences (the arrows say which sign favours the method).", "",
+                   self.paired_table(baseline)]
         md += list(self.notes) + [""]
         return "\n".join(md) + "\n"
 

@@ -384,3 +384,28 @@ def test_cosine_ceiling_predicts_the_cosine_of_a_noisy_estimate():
         assert abs(cosine_ceiling(est, s) - truth) < 0.02, (noise, cosine_ceiling(est, s), truth)
     assert cosine_ceiling(np.ones(4), np.zeros(4)) == 1.0
     assert cosine_ceiling(np.ones(4), 10 * np.ones(4)) == 0.0
+
+
+def test_paired_differences_are_computed_image_by_image(first_run):
+    """Each method minus LIFT-CAM on the same images; an image without a value for either is left out."""
+    from scipy.stats import t as student
+
+    res = ev.Results.load(first_run)
+    diffs = res.paired()
+    assert sorted(diffs) == ["grad-cam", "score-cam"]  # lift-cam is the baseline
+    per = {(r["item"], r["method"]): r["metrics"] for r in res.per_image}
+    items = sorted({r["item"] for r in res.per_image})
+    for m in diffs:
+        for col, n in (("ad", 4), ("deletion", 4), ("epg", 3), ("shap_cosine", 4)):
+            d = np.array([per[i, m][col] - per[i, "lift-cam"][col] for i in items
+                          if per[i, m][col] is not None and per[i, "lift-cam"][col] is not None])
+            half = student.ppf(0.975, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d))
+            e = diffs[m][col]
+            assert e["n"] == n == len(d)
+            np.testing.assert_allclose([e["mean"], e["low"], e["high"]], [d.mean(), d.mean() - half, d.mean() + half],
+                                       rtol=1e-9, atol=1e-12)
+    assert res.paired("grad-cam")["lift-cam"]["ad"]["mean"] == pytest.approx(-diffs["grad-cam"]["ad"]["mean"])
+    md = (first_run / "results.md").read_text()
+    assert "Each method minus lift-cam" in md and "| grad-cam | " in res.paired_table()
+    with pytest.raises(ev.UsageError, match="not evaluated"):
+        res.paired("eigen-cam")
