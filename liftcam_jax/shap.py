@@ -70,6 +70,7 @@ from . import affine as _affine
 from .errors import UsageError, positive_int
 
 __all__ = [
+    "AFFINE_BYTES",
     "DEFAULT_CHUNK",
     "MAX_EXACT_PLAYERS",
     "METHODS",
@@ -84,6 +85,10 @@ __all__ = [
 
 DEFAULT_CHUNK = 64
 """Coalitions per head call (each for the whole batch)."""
+
+AFFINE_BYTES = 2 ** 31
+"""The most memory the affine-front permutation path spends on the ``K`` channel contributions
+(per batch, else per image; beyond it the head is evaluated per coalition)."""
 
 MAX_EXACT_PLAYERS = 16
 """Enumeration evaluates ``2**K`` coalitions; beyond 16 channels use a sampler."""
@@ -233,7 +238,8 @@ def permutation_shapley(head: Callable, params, activations: Array, targets: Arr
     plus ``num_permutations * K`` evaluations of the rest. At EfficientNet-Lite0's
     ``blocks.15.dw`` (``K = 1152``, front = projection, BN, head conv, BN) the
     rest is ReLU6, pooling and the linear layer. Memory: ``K`` times the
-    frontier per image. ``affine=False`` evaluates the whole head per coalition.
+    frontier, for the batch or else image by image, up to :data:`AFFINE_BYTES`;
+    beyond it, and with ``affine=False``, the whole head runs per coalition.
     """
     p = positive_int("num_permutations", num_permutations, even=True, minimum=4)
     a = activations
@@ -244,8 +250,14 @@ def permutation_shapley(head: Callable, params, activations: Array, targets: Arr
     perms = jnp.concatenate([perms, perms[:, ::-1]])  # (P, K): forward then reversed
     pos = jnp.argsort(perms, axis=1)  # pos[p, k]: position of player k in permutation p
     split = _affine.affine_front(head, params, jax.ShapeDtypeStruct(a.shape, a.dtype)) if affine else None
-    if split is not None and split.saves:
+    need = k * split.frontier_size * a.dtype.itemsize if split is not None else 0  # the K contributions
+    if split is not None and split.saves and need <= AFFINE_BYTES:
         v = _prefix_values(split, params, a, t, perms, chunk_size)
+    elif split is not None and split.saves and b > 1 and need // b <= AFFINE_BYTES:  # one image at a time
+        one = _affine.affine_front(head, params, jax.ShapeDtypeStruct((1,) + a.shape[1:], a.dtype))
+        v = jax.lax.map(lambda at: _prefix_values(one, params, at[0][None], at[1][None], perms, chunk_size)[..., 0],
+                        (a, t))  # (B, P, K-1)
+        v = jnp.moveaxis(v, 0, -1)
     else:
         sizes = jnp.arange(1, k)
         masks = (pos[:, None, :] < sizes[None, :, None]).astype(a.dtype)  # (P, K-1, K) prefixes

@@ -84,6 +84,24 @@ def test_fast_permutation_shapley_equals_the_plain_estimator(chunk):
     assert np.mean(z <= 4.0) >= 0.9
 
 
+def test_memory_budget_goes_image_by_image_then_to_the_plain_path(monkeypatch):
+    head, p, a = _setup(_BnHead())
+    t = jnp.array([1, 4])
+    run = lambda aff: jax.jit(lambda p, a: shap.permutation_shapley(  # noqa: E731
+        head, p, a, t, jax.random.PRNGKey(5), num_permutations=8, affine=aff))(p, a)
+    plain = run(False)
+    per_batch = 7 * 2 * 5 * 5 * 8 * 4  # K x frontier x float32 bytes
+    seen, real = [], shap._prefix_values
+    monkeypatch.setattr(shap, "_prefix_values", lambda split, p, a, *r: seen.append(a.shape[0]) or real(split, p, a, *r))
+    for budget, batches in ((per_batch, [2]), (per_batch // 2, [1]), (per_batch // 4, [])):  # batch, per image, plain
+        monkeypatch.setattr(shap, "AFFINE_BYTES", budget)
+        seen.clear()
+        got = run(True)
+        assert seen == batches
+        np.testing.assert_allclose(got.values, plain.values, atol=1e-4 * float(jnp.max(jnp.abs(plain.values))))
+        np.testing.assert_allclose(got.stderr, plain.stderr, atol=1e-4 * float(jnp.max(jnp.abs(plain.values))))
+
+
 def test_zoo_post_activation_split_front_reaches_the_head_norm():
     """EfficientNet-Lite0 at blocks.15.dw: the front is projection, BN, head conv, BN (7x7x1280 per image)."""
     import models
