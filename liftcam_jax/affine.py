@@ -124,7 +124,8 @@ def affine_front(fn: Callable, params, a) -> AffineFront:
             linear = I.classify(eqn, [v.aval for v in eqn.invars], dep_idx) == "linear"
         except Exception:  # noqa: BLE001 - no linear rule: the front ends here
             linear = False
-        if linear and all(eqn.invars[i] in affine for i in dep_idx):
+        floats = all(np.issubdtype(v.aval.dtype, np.inexact) for v in outs)  # a cast to int is not affine
+        if linear and floats and all(eqn.invars[i] in affine for i in dep_idx):
             affine.update(outs)
         else:
             for i in dep_idx:

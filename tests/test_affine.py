@@ -54,6 +54,11 @@ def test_front_stops_at_the_first_nonlinearity_and_products():
     a = jnp.ones((1, 3, 3, 4))
     split = affine.affine_front(relu_first, jnp.ones(4), a)
     assert not split.saves and split.frontier_size == a.size
+    cast = lambda params, z: jnp.sum((2.0 * z).astype(jnp.int32) * params, axis=(1, 2))  # rounds: not affine
+    split = affine.affine_front(cast, jnp.ones(4, jnp.int32), a)
+    assert split.frontier_size == a.size  # 2z is affine; the int cast and everything after it are not
+    np.testing.assert_array_equal(split.rest(jnp.ones(4, jnp.int32), split.front(jnp.ones(4, jnp.int32), 1.3 * a))[0],
+                                  cast(jnp.ones(4, jnp.int32), 1.3 * a))
     square = lambda params, z: jnp.sum((2.0 * z) * (z + params), axis=(1, 2))
     split = affine.affine_front(square, jnp.ones(4), a)
     assert split.saves and split.frontier_size == 2 * a.size  # 2z and z + p, both read by the product
