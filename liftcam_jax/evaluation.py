@@ -270,6 +270,10 @@ class Results:
             lines.append("| " + " | ".join(row + ["n/a" if t is None else f"{t:.4f}", str(e.get("images", 0))]) + " |")
         return "\n".join(lines)
 
+    def default_baseline(self) -> str:
+        """The method others are compared with: ``"lift-cam"`` when evaluated, else the first."""
+        return "lift-cam" if "lift-cam" in self.methods else self.methods[0]
+
     def paired(self, baseline: Optional[str] = None) -> Dict[str, dict]:
         """Each method minus ``baseline``, image by image: ``{method: {column: {mean, low, high, n}}}``.
 
@@ -278,7 +282,7 @@ class Results:
         the images' own difficulty cancels). ``baseline``: ``"lift-cam"`` when
         evaluated, else the first method.
         """
-        baseline = baseline or ("lift-cam" if "lift-cam" in self.methods else self.methods[0])
+        baseline = baseline or self.default_baseline()
         if baseline not in self.methods:
             raise UsageError(f"baseline {baseline!r} was not evaluated ({', '.join(self.methods)})")
         rows = {(r["item"], r["method"]): r.get("metrics") or {} for r in self.per_image}
@@ -297,7 +301,7 @@ class Results:
 
     def paired_table(self, baseline: Optional[str] = None) -> str:
         """:meth:`paired` as a markdown table: mean [95% interval] of each method minus the baseline."""
-        baseline = baseline or ("lift-cam" if "lift-cam" in self.methods else self.methods[0])
+        baseline = baseline or self.default_baseline()
         diffs = self.paired(baseline)
         cols = _columns(self.metrics)
         lines = ["| Method | " + " | ".join(f"Δ {h} {'↓' if b == 'lower' else '↑'}" for _, h, b, _ in cols) + " |",
@@ -334,7 +338,7 @@ class Results:
                       + (f"; expected cosine of the estimates with the exact values {ceiling[0]:.4f} (the "
                          "ceiling of the SHAP cosine column set by sampling error)" if ceiling else "") + ".")
         if len(self.methods) > 1:
-            baseline = "lift-cam" if "lift-cam" in self.methods else self.methods[0]
+            baseline = self.default_baseline()
             md += ["", f"Each method minus {baseline}, image by image: mean [Student-t 95% interval] of the "
                    "paired differences (the arrows say which sign favours the method).", "",
                    self.paired_table(baseline)]
