@@ -45,7 +45,8 @@ from . import methods as _methods
 from . import metrics as M
 from .errors import UsageError, positive_int
 
-__all__ = ["EvalConfig", "METRICS", "Metric", "Results", "cosine_ceiling", "evaluate", "parse_metrics", "register_metric"]
+__all__ = ["EvalConfig", "METRICS", "Metric", "Results", "cosine_ceiling", "evaluate", "parse_metrics", "register_metric",
+           "replication_table"]
 
 LOG = "evaluate.jsonl"
 
@@ -405,6 +406,44 @@ def _fmt(e, digits):
     if e.get("low") is None or e["n"] < 2:
         return f"{e['mean']:.{digits}f}"
     return f"{e['mean']:.{digits}f} ± {(e['high'] - e['low']) / 2:.{digits}f}"
+
+
+def replication_table(runs: "Dict[str, Results]", baseline: Optional[str] = None) -> str:
+    """Which paired comparisons hold in every run: a markdown table of verdicts.
+
+    For each method (evaluated in every run) and each column (scored in every
+    run), each run's paired difference from ``baseline`` (:meth:`Results.paired`)
+    is *better* or *worse* when its 95% interval excludes 0 on the side the
+    column's arrow favours or not, and *tie* when the interval contains 0. A
+    cell names one verdict when every run agrees, else each run's verdict in
+    the order of ``runs`` ("worse / tie"). ``runs``: ``{name: Results}``, for
+    example one model and split each. ``baseline``: the first run's default.
+    """
+    if not runs:
+        raise UsageError("replication_table needs at least one run")
+    names, results = list(runs), list(runs.values())
+    baseline = baseline or results[0].default_baseline()
+    methods = [m for m in results[0].methods if m != baseline and all(m in r.methods for r in results)]
+    cols = [c for c in _columns(results[0].metrics) if all(c in _columns(r.metrics) for r in results)]
+    diffs = [r.paired(baseline) for r in results]
+
+    def verdict(e, better):
+        if e["n"] == 0:
+            return "n/a"
+        if e["low"] <= 0 <= e["high"]:
+            return "tie"
+        return "better" if (e["mean"] < 0) == (better == "lower") else "worse"
+
+    lines = [f"Each method against {baseline}, in {' / '.join(names)}:", "",
+             "| Method | " + " | ".join(f"{h} {'↓' if b == 'lower' else '↑'}" for _, h, b, _ in cols) + " |",
+             "|" + "---|" * (len(cols) + 1)]
+    for m in methods:
+        cells = []
+        for c, _, better, _ in cols:
+            v = [verdict(d[m][c], better) for d in diffs]
+            cells.append(v[0] if len(set(v)) == 1 else " / ".join(v))
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def cosine_ceiling(values, stderr) -> float:

@@ -409,3 +409,35 @@ def test_paired_differences_are_computed_image_by_image(first_run):
     assert "Each method minus lift-cam" in md and "| grad-cam | " in res.paired_table()
     with pytest.raises(ev.UsageError, match="not evaluated"):
         res.paired("eigen-cam")
+
+
+def test_replication_table_gives_each_runs_verdict():
+    """Verdicts from the paired intervals, per run; a method or column missing from a run is left out."""
+    rng = np.random.default_rng(0)
+
+    def run(diffs, metrics=("ad", "insertion"), extra=()):
+        rows = []
+        for i in range(12):
+            base = {"ad": float(rng.uniform(10, 50)), "insertion": float(rng.uniform(0.3, 0.6)), "epg": 0.5}
+            rows.append({"item": f"im{i}", "method": "lift-cam", "metrics": base})
+            for m, d in diffs.items():
+                rows.append({"item": f"im{i}", "method": m,
+                             "metrics": {c: None if d[c] is None else base[c] + d[c][i % len(d[c])] for c in base}})
+        methods = ["lift-cam", *diffs, *extra]
+        return ev.Results({}, methods, list(metrics), 12, {}, rows)
+
+    up, down, zero = [0.9, 1.0, 1.1], [-0.9, -1.0, -1.1], [-1.0, 1.0]
+    a = run({"grad-cam": {"ad": up, "insertion": [0.1, 0.11], "epg": zero},
+             "score-cam": {"ad": zero, "insertion": None, "epg": zero}}, metrics=("ad", "insertion", "epg"))
+    b = run({"grad-cam": {"ad": down, "insertion": [0.1, 0.12], "epg": zero},
+             "score-cam": {"ad": zero, "insertion": zero, "epg": zero}}, extra=["eigen-cam"])
+    md = ev.replication_table({"Lite0": a, "Lite1": b})
+    lines = md.splitlines()
+    assert lines[0] == "Each method against lift-cam, in Lite0 / Lite1:"
+    assert lines[2] == "| Method | Average Drop % ↓ | Insertion AUC ↑ |"  # epg: not scored in Lite1
+    assert lines[4] == "| grad-cam | worse / better | better |"  # AD higher = worse; insertion higher = better
+    assert lines[5] == "| score-cam | tie | n/a / tie |"
+    assert len(lines) == 6  # eigen-cam: only in Lite1
+    assert ev.replication_table({"x": a}, baseline="grad-cam").splitlines()[4] == "| lift-cam | better | worse | tie |"
+    with pytest.raises(ev.UsageError, match="not evaluated"):
+        ev.replication_table({"x": a, "y": b}, baseline="eigen-cam")
