@@ -152,6 +152,12 @@ def _columns(metrics: Sequence[str]) -> List[tuple]:
     return [c for m in metrics for c in METRICS[m].columns]
 
 
+def _heading(column: tuple) -> str:
+    """A column's heading with the arrow of its better direction."""
+    _, heading, better, _ = column
+    return f"{heading} {'↓' if better == 'lower' else '↑'}"
+
+
 # ---------------------------------------------------------------------------
 # configuration
 # ---------------------------------------------------------------------------
@@ -262,7 +268,7 @@ class Results:
 
     def table(self) -> str:
         cols = _columns(self.metrics)
-        head = ["Method"] + [f"{h} {'↓' if better == 'lower' else '↑'}" for _, h, better, _ in cols] + ["s / image", "n"]
+        head = ["Method"] + [_heading(c) for c in cols] + ["s / image", "n"]
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for m in self.methods:
             e = self.aggregate.get(m, {})
@@ -305,7 +311,7 @@ class Results:
         baseline = baseline or self.default_baseline()
         diffs = self.paired(baseline)
         cols = _columns(self.metrics)
-        lines = ["| Method | " + " | ".join(f"Δ {h} {'↓' if b == 'lower' else '↑'}" for _, h, b, _ in cols) + " |",
+        lines = ["| Method | " + " | ".join(f"Δ {_heading(c)}" for c in cols) + " |",
                  "|" + "---|" * (len(cols) + 1)]
         for m, row in diffs.items():
             cells = []
@@ -435,7 +441,7 @@ def replication_table(runs: "Dict[str, Results]", baseline: Optional[str] = None
         return "better" if (e["mean"] < 0) == (better == "lower") else "worse"
 
     lines = [f"Each method against {baseline}, in {' / '.join(names)}:", "",
-             "| Method | " + " | ".join(f"{h} {'↓' if b == 'lower' else '↑'}" for _, h, b, _ in cols) + " |",
+             "| Method | " + " | ".join(_heading(c) for c in cols) + " |",
              "|" + "---|" * (len(cols) + 1)]
     for m in methods:
         cells = []
