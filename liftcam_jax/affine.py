@@ -1,10 +1,16 @@
-r"""The affine front of a function: where a head stops being affine in its input.
+r"""The additive front of a function: where a head stops being additive over its input's channels.
 
-Most heads begin with affine layers: a split after a ReLU6 hands the head
-convolutions and inference-mode batch norms before its next nonlinearity.
-Write the head as :math:`h(A) = g(L(A))`, with :math:`L` the largest affine
-front (every equation from ``A`` up to the first nonlinearity) and :math:`g`
-the rest. Since :math:`L` is affine,
+Most heads begin with layers that keep channel contributions apart: a split
+after a ReLU6 hands the head convolutions and inference-mode batch norms
+(affine maps) before its next nonlinearity, and a split before a depthwise
+convolution hands it per-channel operations (depthwise convolution, batch
+norm, ReLU6: each output channel a function of one input channel) followed
+by a 1x1 convolution. Write the head as :math:`h(A) = g(L(A))`, with
+:math:`L = M \circ P` the largest front where :math:`P` acts on each channel
+separately (:math:`P(A)_c = p_c(A_c)`) and :math:`M` is affine, and
+:math:`g` the rest. Masking a channel sets it to zero, so
+:math:`P(A \odot \mathbb 1_S)_c` is :math:`p_c(A_c)` for :math:`c \in S` and
+:math:`p_c(0)` otherwise, and since :math:`M` is affine,
 
 .. math::  L(A \odot \mathbb 1_S) = L(0) + \sum_{k \in S} \big(L(A \odot e_k) - L(0)\big) = L(0) + \sum_{k\in S} d_k ,
 
@@ -16,13 +22,20 @@ values differ from evaluating the head on masked maps only by float rounding.
 
 :func:`affine_front` finds the split on the function's jaxpr, the way
 ``jax.linear_transpose`` reads one: calls (``jit``, ``closed_call``) are
-inlined; an equation whose input-dependent operands are all in the front and
-whose primitive is linear in them (:func:`liftcam_jax.interpreter.classify`:
-``add``, ``conv_general_dilated`` with a constant kernel, ``mul`` by a
-constant, ...) joins the front; anything else (``max``, ``custom_jvp_call``
-of ``relu6``, a product of two activations) does not, and the front's values
-it reads form the *frontier*, :math:`L`'s outputs. The split is always
-correct; it saves work only when the frontier is not ``A`` itself
+inlined. A value is *per-channel* when its last axis is the input's channel
+axis, whole and in order, and its channel ``c`` depends on the input's
+channel ``c`` alone: the input itself, and the outputs of an equation whose
+input-dependent operands are all per-channel and which keeps channels apart
+(elementwise primitives and elementwise ``custom_jvp`` functions such as
+``relu6``, depthwise ``conv_general_dilated``, ``pad``/``slice``/``squeeze``
+and reductions that leave the last axis alone). A value is *additive* when it
+is per-channel, or the output of an equation linear in its input-dependent
+operands (:func:`liftcam_jax.interpreter.classify`: ``add``,
+``conv_general_dilated`` with a constant kernel, ``mul`` by a constant, ...),
+all of them additive. Anything else (``max`` of channel-mixed values, a
+product of two mixed activations) ends the front, and the additive values it
+reads form the *frontier*, :math:`L`'s outputs. The split is always correct;
+it saves work only when the frontier is not ``A`` itself
 (:attr:`AffineFront.saves`).
 """
 from __future__ import annotations
@@ -41,12 +54,13 @@ _INLINE = frozenset({"jit", "pjit", "closed_call", "core_call"})
 
 
 class AffineFront(NamedTuple):
-    """``h(params, a) = rest(params, front(params, a))`` with ``front`` affine in ``a``.
+    """``h(params, a) = rest(params, front(params, a))`` with ``front`` additive over ``a``'s channels.
 
     ``front(params, a)`` returns the frontier, a list of arrays;
     ``rest(params, frontier)`` the function's outputs (a list). ``saves``:
     whether the frontier is more than ``a`` itself (the head starts with at
-    least one affine equation whose output every nonlinearity reads).
+    least one per-channel or affine equation whose output every later
+    nonlinearity reads).
     """
 
     front: Callable
@@ -95,23 +109,59 @@ def _evaluate(jaxpr, consts, bound: dict, outvars) -> list:
     return [v.val if isinstance(v, jcore.Literal) else env[v] for v in outvars]
 
 
-def affine_front(fn: Callable, params, a) -> AffineFront:
-    """The affine front of ``fn(params, a)`` in ``a`` (arrays or ``jax.ShapeDtypeStruct`` of them).
+# Primitives that act position by position (shapes broadcast only over size-1 axes).
+_ELEMENTWISE = (I.ELEMENTWISE_BODY - {"jit", "pjit"}) | {"custom_jvp_call"}
+_REDUCTIONS = frozenset({"reduce_sum", "reduce_max", "reduce_min", "argmax", "argmin"})
+_WINDOWS = frozenset({"reduce_window_sum", "reduce_window_max", "reduce_window_min"})
 
-    The returned functions take ``params`` with the structure given here and
-    ``a`` (or the frontier) of the shapes given here; they jit and vmap.
-    """
-    leaves, treedef = jax.tree_util.tree_flatten(params)
-    closed = _flat(jax.make_jaxpr(lambda ps, x: fn(jax.tree_util.tree_unflatten(treedef, ps), x))(leaves, a))
-    jaxpr, consts = closed.jaxpr, closed.consts
-    x_var = jaxpr.invars[-1]
-    param_vars = jaxpr.invars[:-1]
 
-    dep, affine = {x_var}, {x_var}
+def _keeps_channels(eqn, dep_idx, k: int) -> bool:
+    """Whether ``eqn`` maps per-channel operands (last axis = the ``k`` channels) to per-channel outputs."""
+    ins = [v.aval for v in eqn.invars]
+    outs = [v.aval for v in eqn.outvars]
+    if not outs or any(len(o.shape) == 0 or o.shape[-1] != k for o in outs):
+        return False
+    last = len(ins[dep_idx[0]].shape) - 1
+    name, prm = eqn.primitive.name, eqn.params
+    if name in _ELEMENTWISE:
+        if name == "custom_jvp_call":
+            sub = I.sub_jaxpr(prm)
+            if sub is None or not I.body_is_elementwise(sub[0]):
+                return False
+        return all(len(ins[i].shape) == len(outs[0].shape) for i in dep_idx)
+    if len(dep_idx) != 1 or dep_idx[0] != 0:
+        return False
+    if name == "pad":
+        return tuple(prm["padding_config"][last]) == (0, 0, 0)
+    if name == "slice":
+        strides = prm["strides"]
+        return prm["start_indices"][last] == 0 and prm["limit_indices"][last] == k and (
+            strides is None or strides[last] == 1)
+    if name in ("squeeze", "rev"):
+        return last not in prm["dimensions"]
+    if name == "transpose":
+        return prm["permutation"][-1] == last
+    if name in _REDUCTIONS:
+        return last not in prm["axes"]
+    if name in _WINDOWS:
+        return (prm["window_dimensions"][last] == 1 and prm["window_strides"][last] == 1
+                and tuple(prm["padding"][last]) == (0, 0) and prm["base_dilation"][last] == 1
+                and prm["window_dilation"][last] == 1)
+    if name == "conv_general_dilated":  # depthwise: one input channel per output channel, in order
+        lhs, _, out = prm["dimension_numbers"]
+        return (lhs[1] == last and out[1] == len(outs[0].shape) - 1 and prm["batch_group_count"] == 1
+                and prm["feature_group_count"] == k == ins[0].shape[-1])
+    return False
+
+
+def _frontier(jaxpr, x_var, per_channel: bool) -> list:
+    """The additive values read beyond the front (see the module docstring), in order of first use."""
+    k = x_var.aval.shape[-1] if x_var.aval.shape else -1
+    dep, additive, aligned = {x_var}, {x_var}, ({x_var} if per_channel else set())
     frontier: List[Any] = []
 
     def to_frontier(v):
-        if v in affine and v not in frontier:
+        if v in additive and v not in frontier:
             frontier.append(v)
 
     for eqn in jaxpr.eqns:
@@ -120,19 +170,44 @@ def affine_front(fn: Callable, params, a) -> AffineFront:
             continue
         outs = [v for v in eqn.outvars if not isinstance(v, jcore.DropVar)]
         dep.update(outs)
+        if all(eqn.invars[i] in aligned for i in dep_idx) and _keeps_channels(eqn, dep_idx, k):
+            aligned.update(outs)
+            additive.update(outs)
+            continue
         try:
             linear = I.classify(eqn, [v.aval for v in eqn.invars], dep_idx) == "linear"
         except Exception:  # noqa: BLE001 - no linear rule: the front ends here
             linear = False
         floats = all(np.issubdtype(v.aval.dtype, np.inexact) for v in outs)  # a cast to int is not affine
-        if linear and floats and all(eqn.invars[i] in affine for i in dep_idx):
-            affine.update(outs)
+        if linear and floats and all(eqn.invars[i] in additive for i in dep_idx):
+            additive.update(outs)
         else:
             for i in dep_idx:
                 to_frontier(eqn.invars[i])
     for v in jaxpr.outvars:
         if not isinstance(v, jcore.Literal):
             to_frontier(v)
+    return frontier
+
+
+def affine_front(fn: Callable, params, a) -> AffineFront:
+    """The additive front of ``fn(params, a)`` in ``a`` (arrays or ``jax.ShapeDtypeStruct`` of them).
+
+    The front is per-channel operations followed by affine ones (module
+    docstring); where a per-channel value that is not a float (a comparison's
+    mask, an integer cast) would be on the frontier, the front is affine
+    operations only. The returned functions take ``params`` with the structure
+    given here and ``a`` (or the frontier) of the shapes given here; they jit
+    and vmap.
+    """
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    closed = _flat(jax.make_jaxpr(lambda ps, x: fn(jax.tree_util.tree_unflatten(treedef, ps), x))(leaves, a))
+    jaxpr, consts = closed.jaxpr, closed.consts
+    x_var = jaxpr.invars[-1]
+    param_vars = jaxpr.invars[:-1]
+    frontier = _frontier(jaxpr, x_var, per_channel=True)
+    if not all(np.issubdtype(v.aval.dtype, np.inexact) for v in frontier):  # d_k needs differences
+        frontier = _frontier(jaxpr, x_var, per_channel=False)
 
     def front(params, x):
         ps = jax.tree_util.tree_leaves(params)
