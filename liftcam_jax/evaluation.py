@@ -318,6 +318,7 @@ class Results:
             for c, _, _, digits in cols:
                 e = row[c]
                 cells.append("n/a" if e["n"] == 0 else
+                             f"{e['mean']:+.{digits}f} (1 image, no interval)" if e["n"] == 1 else
                              f"{e['mean']:+.{digits}f} [{e['low']:+.{digits}f}, {e['high']:+.{digits}f}]")
             lines.append(f"| {m} | " + " | ".join(cells) + " |")
         return "\n".join(lines)
@@ -420,7 +421,8 @@ def replication_table(runs: "Dict[str, Results]", baseline: Optional[str] = None
     For each method (evaluated in every run) and each column (scored in every
     run), each run's paired difference from ``baseline`` (:meth:`Results.paired`)
     is *better* or *worse* when its 95% interval excludes 0 on the side the
-    column's arrow favours or not, and *tie* when the interval contains 0. A
+    column's arrow favours or not, and *tie* when the interval contains 0; *n/a*
+    with fewer than two paired images (no interval, so no verdict). A
     cell names one verdict when every run agrees, else each run's verdict in
     the order of ``runs`` ("worse / tie"). ``runs``: ``{name: Results}``, for
     example one model and split each. ``baseline``: the first run's default.
@@ -434,7 +436,7 @@ def replication_table(runs: "Dict[str, Results]", baseline: Optional[str] = None
     diffs = [r.paired(baseline) for r in results]
 
     def verdict(e, better):
-        if e["n"] == 0:
+        if e["n"] < 2:  # one image has no interval: its difference alone is no verdict
             return "n/a"
         if e["low"] <= 0 <= e["high"]:
             return "tie"

@@ -441,3 +441,13 @@ def test_replication_table_gives_each_runs_verdict():
     assert ev.replication_table({"x": a}, baseline="grad-cam").splitlines()[4] == "| lift-cam | better | worse | tie |"
     with pytest.raises(ev.UsageError, match="not evaluated"):
         ev.replication_table({"x": a, "y": b}, baseline="eigen-cam")
+
+
+def test_one_image_gives_no_verdict():
+    """A single paired image has no interval: no better/worse from its difference alone."""
+    rows = [{"item": "im0", "method": "lift-cam", "metrics": {"ad": 30.0}},
+            {"item": "im0", "method": "grad-cam", "metrics": {"ad": 40.0}}]
+    one = ev.Results({}, ["lift-cam", "grad-cam"], ["ad"], 1, {}, rows)
+    assert one.paired()["grad-cam"]["ad"]["n"] == 1
+    assert ev.replication_table({"x": one}).splitlines()[4] == "| grad-cam | n/a |"
+    assert one.paired_table().splitlines()[2] == "| grad-cam | +10.00 (1 image, no interval) |"
