@@ -195,6 +195,8 @@ def test_all_methods_skip_cam_where_the_head_is_not_linear(data, capsys, tmp_pat
     assert "cam" not in res["aggregate"]
     assert set(res["aggregate"]) == set(m for m in lj_methods.names() if m != "cam")
     assert "cam skipped" in (out / "results.md").read_text()
+    n = len(res["aggregate"])  # the report counts the methods evaluated, not the ones asked for
+    assert f"({n} methods); cam skipped: the head after conv1 is not GAP + Linear." in err, err
     rc, err = cli(["--data", data, "--model", "tiny", "--layer", "conv1", "--methods", "cam", "--metrics", "ad",
                    "--out", tmp_path / "o2"], capsys)
     assert rc == 2 and len(err.strip().splitlines()) == 1 and "cam does not apply" in err

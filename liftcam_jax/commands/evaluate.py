@@ -113,5 +113,5 @@ def run(args, zoo) -> int:
     if not args.quiet:
         print(f"liftcam-jax: evaluate: {s['done']} images evaluated, {s['skipped']} skipped (already done), "
               f"{s['failed']} failed of {res.images} in {s['seconds']:.1f} s; results: {args.out}/results.md "
-              f"({len(methods)} methods)", file=sys.stderr)
+              f"({len(res.methods)} methods)" + "".join(f"; {n}" for n in res.notes), file=sys.stderr)
     return 1 if s["failed"] else 0
