@@ -90,7 +90,7 @@ def run(args, zoo) -> int:
     import sys
 
     metrics = E.parse_metrics(args.metrics)
-    methods, _ = _methods.parse_names(args.methods)
+    _methods.parse_names(args.methods)  # a bad method name fails before the model loads
     redo = [r.strip() for r in str(args.redo or "").split(",") if r.strip()]
     if args.step is not None and args.num_steps is not None:
         raise UsageError("give --step or --num-steps, not both")
