@@ -56,7 +56,7 @@ import jax
 import jax.numpy as jnp
 from jax.extend import core as jcore
 
-from . import interpreter
+from . import interpreter, primitives
 from .errors import LiftcamError
 from .interpreter import classify
 
@@ -114,26 +114,9 @@ def _ref(u: _Pair):
         return jax.lax.optimization_barrier(jnp.zeros(u.ref.shape, u.ref.dtype))
     return u.ref
 
-# ---------------------------------------------------------------------------
-# primitive classes (the kinds are shared with LRP: liftcam_jax.interpreter)
-# ---------------------------------------------------------------------------
-
-# Linear with f(0) = 0 in their input-dependent operands whatever the constant
-# operands are: a zero reference stays zero through them.
-_HOMOGENEOUS = {
-    "mul", "div", "dot_general", "conv_general_dilated", "neg", "reshape", "transpose",
-    "broadcast_in_dim", "squeeze", "expand_dims", "reduce_sum", "reduce_window_sum",
-    "slice", "convert_element_type", "copy", "copy_p", "rev", "cumsum",
-    "reduce_precision", "real", "imag", "conj", "sharding_constraint", "split",
-    "squeeze_p", "optimization_barrier", "pvary", "mesh_cast", "psum",
-    "dynamic_slice", "gather",
-}
-# Zero at zero only when every operand is input-dependent (sums, selections).
-_HOMOGENEOUS_IF_ALL = {"add", "add_any", "sub", "concatenate", "stack", "select_n"}
-# Windowed or reduced maxima/minima: Captum's max-pool rule.
-_CHOOSERS = {"reduce_window_max": jnp.maximum, "reduce_max": jnp.maximum,
-             "reduce_window_min": jnp.minimum, "reduce_min": jnp.minimum}
-assert set(_CHOOSERS) == set(interpreter.CHOOSERS)
+# Windowed or reduced maxima/minima (kind "chooser" in liftcam_jax.primitives):
+# how two candidate outputs combine.
+_CROSS = {"max": jnp.maximum, "min": jnp.minimum}
 
 
 def _where_small(du, eps):
@@ -149,17 +132,19 @@ def _zeros_like_out(eqn):
 
 
 def _stays_zero(eqn, ins, dep_idx) -> bool:
-    """Whether the outputs are zero when every input-dependent operand's reference is."""
+    """Whether the outputs are zero when every input-dependent operand's reference is.
+
+    Read from the primitive's ``zero`` fact (:mod:`liftcam_jax.primitives`).
+    """
     if not all(isinstance(ins[i].ref, _Zeros) for i in dep_idx):
         return False
-    name = eqn.primitive.name
-    if name == "select_n":  # the predicate (operand 0) is constant
-        return len(dep_idx) == len(ins) - 1
-    if name == "pad":  # zero padding of zeros
-        return dep_idx == [0] and interpreter.is_known(ins[1], 0)
-    if name in _HOMOGENEOUS_IF_ALL:
-        return len(dep_idx) == len(ins)
-    return name in _HOMOGENEOUS
+    zero = primitives.facts(eqn.primitive.name).zero
+    if zero == "always":
+        return True
+    if zero not in ("if_constants_zero", "if_cases"):
+        return False
+    free = {0} if zero == "if_cases" else set()  # select_n's predicate may be anything
+    return all(interpreter.is_known(ins[j], 0) for j in range(len(ins)) if j not in dep_idx and j not in free)
 
 
 def _linear_rule(eqn, ins, dep_idx, ctx):
@@ -194,12 +179,12 @@ def _elementwise_rule(eqn, ins, dep_idx, ctx):
         expand = lambda t: t
     base = interpreter.eqn_fn(eqn, ins, dep_idx)
     val, ref, slope = _secant(lambda x: base(x)[0], u, ctx.eps)
-    ctx.nonlinear.append(eqn.primitive.name)
+    ctx.nonlinear.append(primitives.label(eqn))
     return [_Pair(val, ref)], lambda t: [slope * expand(t)]
 
 
 def _chooser_rule(eqn, ins, dep_idx, ctx):
-    cross = _CHOOSERS[eqn.primitive.name]
+    cross = _CROSS[primitives.facts(eqn.primitive.name).chooses]
     x = ins[0]
     f = lambda v: interpreter.bind(eqn, [v])[0]
     val, sel_a = jax.linearize(f, x.val)
@@ -233,38 +218,6 @@ def _windows_hold_data(eqn) -> bool:
         return False
     return all(lo < k and hi < k for (lo, hi), k in zip(p["padding"], p["window_dimensions"]))
 
-
-def _call_rule(eqn, ins, dep_idx, ctx):
-    sub = interpreter.sub_jaxpr(eqn.params)
-    if sub is None:
-        raise NoRescaleRule(f"cannot look inside call primitive {eqn.primitive.name!r}")
-    return _call(*sub, ins, dep_idx, ctx)
-
-
-def _custom_name(eqn, jaxpr) -> str:
-    """``custom_jvp_call`` names its function in the inner ``jit`` (``relu``, ``relu6``)."""
-    for e in jaxpr.eqns:
-        if "name" in e.params:
-            return f"custom_jvp_call[{e.params['name']}]"
-    return "custom_jvp_call"
-
-
-def _custom_jvp_rule(eqn, ins, dep_idx, ctx):
-    jaxpr, consts = interpreter.sub_jaxpr(eqn.params)
-    out_avals = [v.aval for v in eqn.outvars]
-    if (
-        len(dep_idx) == 1
-        and len(out_avals) == 1
-        and tuple(out_avals[0].shape) == tuple(jnp.shape(ins[dep_idx[0]].val))
-        and interpreter.body_is_elementwise(jaxpr)
-    ):
-        # One elementwise function (relu, relu6, softplus...): its own secant
-        # slope, and its own derivative (the custom rule) as the fallback.
-        base = interpreter.eqn_fn(eqn, ins, dep_idx)
-        val, ref, slope = _secant(lambda x: base(x)[0], ins[dep_idx[0]], ctx.eps)
-        ctx.nonlinear.append(_custom_name(eqn, jaxpr))
-        return [_Pair(val, ref)], lambda t: [slope * t]
-    return _call_rule(eqn, ins, dep_idx, ctx)
 
 # ---------------------------------------------------------------------------
 # the rule table and the interpreter
@@ -347,8 +300,6 @@ _TABLE = interpreter.RuleTable(
     "DeepLIFT",
     NoRescaleRule,
     {
-        "custom_jvp": _custom_jvp_rule,
-        "call": _call_rule,
         "linear": _linear_rule,
         "elementwise": _elementwise_rule,
         "chooser": _chooser_rule,
