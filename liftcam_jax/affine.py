@@ -98,16 +98,11 @@ def _evaluate(jaxpr, consts, bound: dict, outvars) -> list:
     """Evaluate what ``outvars`` need, starting from the values in ``bound`` (var -> value)."""
     env = dict(zip(jaxpr.constvars, consts))
     env.update(bound)
-    need = {v for v in outvars if not isinstance(v, jcore.Literal) and v not in env}
-    eqns = []
-    for eqn in reversed(jaxpr.eqns):
-        if any(v in need for v in eqn.outvars if not isinstance(v, jcore.DropVar)):
-            eqns.append(eqn)
-            need.update(v for v in eqn.invars if not isinstance(v, jcore.Literal) and v not in env)
-    for eqn in reversed(eqns):
-        outs = I.bind(eqn, [v.val if isinstance(v, jcore.Literal) else env[v] for v in eqn.invars])
+    eqns, _ = I.live_equations(jaxpr.replace(outvars=list(outvars)), known=env)
+    for eqn in eqns:
+        outs = I.bind(eqn, [I.read_env(env, v) for v in eqn.invars])
         env.update((v, o) for v, o in zip(eqn.outvars, outs) if not isinstance(v, jcore.DropVar))
-    return [v.val if isinstance(v, jcore.Literal) else env[v] for v in outvars]
+    return [I.read_env(env, v) for v in outvars]
 
 
 # Primitives that act position by position (shapes broadcast only over size-1 axes).

@@ -57,6 +57,7 @@ from . import primitives as P
 
 __all__ = [
     "MAX_UNROLL",
+    "live_equations",
     "RuleTable",
     "classify",
     "forward",
@@ -474,20 +475,77 @@ class Trace(NamedTuple):
     is_dep: Callable[[Any], bool]
 
 
-def _live_eqns(jaxpr) -> list:
-    """The equations the outputs need (and effectful ones), in order: dead code is not evaluated.
+def _body_uses(eqn, used_outputs):
+    """Which operands of ``eqn`` its outputs ``used_outputs`` read, looking inside call bodies.
+
+    A call (``jit``, ``remat``, ``custom_jvp_call``, ``custom_vjp_call``, ...)
+    reads only the operands its body's live equations read (its leading
+    operands beyond the body's arguments, constants, count as read); a
+    ``cond`` reads its index and what any branch reads. Any other equation
+    reads all its operands.
+    """
+    n = len(eqn.invars)
+    if P.facts(eqn.primitive.name).kind in ("call", "custom_jvp"):
+        sub = sub_jaxpr(eqn)
+        if sub is not None and len(sub[0].outvars) == len(eqn.outvars) and len(sub[0].invars) <= n:
+            _, body_used = live_equations(sub[0], used_outputs)
+            return [True] * (n - len(body_used)) + body_used
+    if eqn.primitive.name == "cond":
+        branches = P.cond_branches(eqn)
+        if all(len(b.jaxpr.invars) == n - 1 and len(b.jaxpr.outvars) == len(eqn.outvars) for b in branches):
+            uses = [live_equations(b.jaxpr, used_outputs)[1] for b in branches]
+            return [True] + [any(u[i] for u in uses) for i in range(n - 1)]
+    return [True] * n
+
+
+def live_equations(jaxpr, used_outputs=None, *, known=()):
+    """Dead-code elimination: the equations the used outputs need, and which inputs they read.
+
+    Args:
+      jaxpr: a ``jax.extend.core.Jaxpr``.
+      used_outputs: one bool per output (default: all used).
+      known: variables whose values the caller already has: their producers
+        are not needed.
+
+    Returns:
+      ``(eqns, used_inputs)``: the equations to evaluate, in order (those whose
+      outputs are needed, and effectful ones), and one bool per
+      ``jaxpr.invars``: whether any of them reads it. Call bodies are looked
+      into (:func:`_body_uses`), so a call keeps only the operands its body
+      really uses; a kept call's operand that is not read may be missing from
+      an evaluator's environment (:func:`read_env` gives a placeholder).
 
     A split's head built by running the whole model on a placeholder input
-    (:mod:`liftcam_jax.flax_split`) leaves the front dead; without ``jit`` it
-    would otherwise be computed.
+    (:mod:`liftcam_jax.flax_split`) leaves the front dead: it is not
+    evaluated, and the input is unused exactly when no connection goes around
+    the cut.
     """
-    live = {v for v in jaxpr.outvars if not isinstance(v, jcore.Literal)}
+    if used_outputs is None:
+        used_outputs = [True] * len(jaxpr.outvars)
+    known = set(known)
+    live = {v for v, u in zip(jaxpr.outvars, used_outputs) if u and not isinstance(v, jcore.Literal)}
     kept = []
     for eqn in reversed(jaxpr.eqns):
-        if eqn.effects or any(v in live for v in eqn.outvars if not isinstance(v, jcore.DropVar)):
-            kept.append(eqn)
-            live.update(v for v in eqn.invars if not isinstance(v, jcore.Literal))
-    return kept[::-1]
+        outs_used = [not isinstance(v, jcore.DropVar) and v in live and v not in known for v in eqn.outvars]
+        if not (eqn.effects or any(outs_used)):
+            continue
+        kept.append(eqn)
+        reads = [True] * len(eqn.invars) if eqn.effects else _body_uses(eqn, outs_used)
+        live.update(v for v, r in zip(eqn.invars, reads) if r and not isinstance(v, jcore.Literal))
+    return kept[::-1], [v in live for v in jaxpr.invars]
+
+
+def read_env(env, v):
+    """The value of ``v`` (a Var or Literal) in ``env``; zeros of its type for a dead operand.
+
+    :func:`live_equations` drops the producers of a call's operands that the
+    call's body never reads; the call still takes a value for them.
+    """
+    if isinstance(v, jcore.Literal):
+        return v.val
+    if v in env:
+        return env[v]
+    return jnp.zeros(v.aval.shape, v.aval.dtype)
 
 
 def forward(jaxpr, consts, args, dep_pos, ctx) -> Trace:
@@ -496,7 +554,7 @@ def forward(jaxpr, consts, args, dep_pos, ctx) -> Trace:
     env, dep = {}, set()
 
     def read(v):
-        return v.val if isinstance(v, jcore.Literal) else env[v]
+        return read_env(env, v)
 
     def is_dep(v):
         return not isinstance(v, jcore.Literal) and v in dep
@@ -509,7 +567,7 @@ def forward(jaxpr, consts, args, dep_pos, ctx) -> Trace:
             dep.add(v)
 
     steps = []
-    for eqn in _live_eqns(jaxpr):
+    for eqn in live_equations(jaxpr)[0]:
         ins = [read(v) for v in eqn.invars]
         dep_idx = [i for i, v in enumerate(eqn.invars) if is_dep(v)]
         if not dep_idx:
