@@ -211,10 +211,10 @@ def _chooser_rule(eqn, ins, dep_idx, ctx):
 
 def _windows_hold_data(eqn) -> bool:
     """Every pooling window covers at least one real (not padded) element."""
-    if eqn.primitive.name in ("reduce_max", "reduce_min"):
+    if primitives.facts(eqn.primitive.name).reduces == "axes":
         return True
-    p = eqn.params
-    if any(d != 1 for d in (*p.get("base_dilation", ()), *p.get("window_dilation", ()))):
+    p = {k: primitives.param(eqn, k) for k in ("base_dilation", "window_dilation", "padding", "window_dimensions")}
+    if any(d != 1 for d in (*p["base_dilation"], *p["window_dilation"])):
         return False
     return all(lo < k and hi < k for (lo, hi), k in zip(p["padding"], p["window_dimensions"]))
 
