@@ -47,10 +47,11 @@ import numpy as np
 from jax.extend import core as jcore
 
 from . import interpreter as I
+from . import primitives as P
 
 __all__ = ["AffineFront", "affine_front"]
 
-_INLINE = frozenset({"jit", "pjit", "closed_call", "core_call"})
+_INLINE = P.names(inline=True)
 
 
 class AffineFront(NamedTuple):
@@ -97,22 +98,17 @@ def _evaluate(jaxpr, consts, bound: dict, outvars) -> list:
     """Evaluate what ``outvars`` need, starting from the values in ``bound`` (var -> value)."""
     env = dict(zip(jaxpr.constvars, consts))
     env.update(bound)
-    need = {v for v in outvars if not isinstance(v, jcore.Literal) and v not in env}
-    eqns = []
-    for eqn in reversed(jaxpr.eqns):
-        if any(v in need for v in eqn.outvars if not isinstance(v, jcore.DropVar)):
-            eqns.append(eqn)
-            need.update(v for v in eqn.invars if not isinstance(v, jcore.Literal) and v not in env)
-    for eqn in reversed(eqns):
-        outs = I.bind(eqn, [v.val if isinstance(v, jcore.Literal) else env[v] for v in eqn.invars])
+    eqns, _ = I.live_equations(jaxpr.replace(outvars=list(outvars)), known=env)
+    for eqn in eqns:
+        outs = I.bind(eqn, [I.read_env(env, v) for v in eqn.invars])
         env.update((v, o) for v, o in zip(eqn.outvars, outs) if not isinstance(v, jcore.DropVar))
-    return [v.val if isinstance(v, jcore.Literal) else env[v] for v in outvars]
+    return [I.read_env(env, v) for v in outvars]
 
 
 # Primitives that act position by position (shapes broadcast only over size-1 axes).
-_ELEMENTWISE = (I.ELEMENTWISE_BODY - {"jit", "pjit"}) | {"custom_jvp_call"}
-_REDUCTIONS = frozenset({"reduce_sum", "reduce_max", "reduce_min", "argmax", "argmin"})
-_WINDOWS = frozenset({"reduce_window_sum", "reduce_window_max", "reduce_window_min"})
+_ELEMENTWISE = P.names(positionwise=True) | P.names(kind="custom_jvp")
+_REDUCTIONS = P.names(reduces="axes")
+_WINDOWS = P.names(reduces="window")
 
 
 def _keeps_channels(eqn, dep_idx, k: int) -> bool:
@@ -122,35 +118,36 @@ def _keeps_channels(eqn, dep_idx, k: int) -> bool:
     if not outs or any(len(o.shape) == 0 or o.shape[-1] != k for o in outs):
         return False
     last = len(ins[dep_idx[0]].shape) - 1
-    name, prm = eqn.primitive.name, eqn.params
+    name = eqn.primitive.name
+    prm = lambda key: P.param(eqn, key)  # noqa: E731
     if name in _ELEMENTWISE:
-        if name == "custom_jvp_call":
-            sub = I.sub_jaxpr(prm)
+        if P.facts(name).kind == "custom_jvp":
+            sub = I.sub_jaxpr(eqn)
             if sub is None or not I.body_is_elementwise(sub[0]):
                 return False
         return all(len(ins[i].shape) == len(outs[0].shape) for i in dep_idx)
     if len(dep_idx) != 1 or dep_idx[0] != 0:
         return False
     if name == "pad":
-        return tuple(prm["padding_config"][last]) == (0, 0, 0)
+        return tuple(prm("padding_config")[last]) == (0, 0, 0)
     if name == "slice":
-        strides = prm["strides"]
-        return prm["start_indices"][last] == 0 and prm["limit_indices"][last] == k and (
+        strides = prm("strides")
+        return prm("start_indices")[last] == 0 and prm("limit_indices")[last] == k and (
             strides is None or strides[last] == 1)
     if name in ("squeeze", "rev"):
-        return last not in prm["dimensions"]
+        return last not in prm("dimensions")
     if name == "transpose":
-        return prm["permutation"][-1] == last
+        return prm("permutation")[-1] == last
     if name in _REDUCTIONS:
-        return last not in prm["axes"]
+        return last not in prm("axes")
     if name in _WINDOWS:
-        return (prm["window_dimensions"][last] == 1 and prm["window_strides"][last] == 1
-                and tuple(prm["padding"][last]) == (0, 0) and prm["base_dilation"][last] == 1
-                and prm["window_dilation"][last] == 1)
+        return (prm("window_dimensions")[last] == 1 and prm("window_strides")[last] == 1
+                and tuple(prm("padding")[last]) == (0, 0) and prm("base_dilation")[last] == 1
+                and prm("window_dilation")[last] == 1)
     if name == "conv_general_dilated":  # depthwise: one input channel per output channel, in order
-        lhs, _, out = prm["dimension_numbers"]
-        return (lhs[1] == last and out[1] == len(outs[0].shape) - 1 and prm["batch_group_count"] == 1
-                and prm["feature_group_count"] == k == ins[0].shape[-1])
+        lhs, _, out = prm("dimension_numbers")
+        return (lhs[1] == last and out[1] == len(outs[0].shape) - 1 and prm("batch_group_count") == 1
+                and prm("feature_group_count") == k == ins[0].shape[-1])
     return False
 
 

@@ -100,18 +100,42 @@ def initialize(coordinator: Optional[str] = None, num_processes: Optional[int] =
     return jax.process_index(), jax.process_count()
 
 
+def _runtime_client():
+    """The distributed runtime's client (``jax._src.distributed.global_state.client``).
+
+    JAX has no public barrier for processes: ``jax.distributed`` exposes
+    ``initialize``/``shutdown`` only, and
+    ``jax.experimental.multihost_utils.sync_global_devices`` is a device
+    all-reduce with no timeout (on CPU it needs a collectives backend such as
+    gloo). The runtime's own key-value barrier is private; this is the one
+    place that reaches it, and it fails with one line naming the JAX version
+    if it moves.
+    """
+    import jax
+
+    try:
+        from jax._src import distributed as _dist
+
+        client = _dist.global_state.client
+        wait = None if client is None else client.wait_at_barrier
+    except (ImportError, AttributeError) as e:
+        raise UsageError(
+            f"JAX {jax.__version__} moved its distributed runtime's barrier "
+            f"(jax._src.distributed.global_state.client.wait_at_barrier: {e}); "
+            "liftcam-jax cannot synchronise processes with this JAX version"
+        ) from None
+    if client is None:  # pragma: no cover - several processes without jax.distributed
+        raise UsageError("several processes but no jax.distributed client to meet at a barrier")
+    return wait
+
+
 def barrier(name: str, timeout: float = 24 * 3600.0) -> None:
     """Wait until every process has reached ``barrier(name)`` (no-op for one process)."""
     import jax
 
     if jax.process_count() == 1:
         return
-    from jax._src import distributed as _dist  # the runtime's own barrier: no device collectives needed
-
-    client = _dist.global_state.client
-    if client is None:  # pragma: no cover - several processes without jax.distributed
-        raise UsageError("several processes but no jax.distributed client to meet at a barrier")
-    client.wait_at_barrier(name, int(timeout * 1000))
+    _runtime_client()(name, int(timeout * 1000))
 
 
 def share(items: Sequence, index: int, count: int, sequential: Sequence[bool] = ()) -> List:

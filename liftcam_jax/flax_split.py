@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 
 from .errors import UsageError
+from .interpreter import live_equations
 from .model import Split
 
 __all__ = ["SplitError", "linen_split", "nnx_split"]
@@ -136,15 +137,16 @@ def _split(run: Callable, layer, call_index: Optional[int], input_shape, input_d
 
 
 def _check_separates(run_head, params, spec, a, name):
-    """Refuse a head whose output still depends on the model's input (a skip around the cut)."""
-    try:
-        from jax._src.interpreters import partial_eval as pe  # JAX's own dead-code elimination
-    except ImportError:  # pragma: no cover - private API moved: skip the check
-        return
+    """Refuse a head whose output still depends on the model's input (a skip around the cut).
+
+    The head's jaxpr is dead-code eliminated (:func:`liftcam_jax.interpreter.live_equations`,
+    which looks inside ``jit`` and ``remat`` bodies): the input is read exactly
+    when some output depends on it other than through the replaced layer.
+    """
     a_spec = jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a))
     p_spec = jax.tree_util.tree_map(lambda v: jax.ShapeDtypeStruct(jnp.shape(v), jnp.result_type(v)), params)
     jaxpr = jax.make_jaxpr(run_head)(p_spec, spec, a_spec).jaxpr
-    _, used = pe.dce_jaxpr(jaxpr, [True] * len(jaxpr.outvars))
+    _, used = live_equations(jaxpr)
     n_params = len(jax.tree_util.tree_leaves(p_spec))
     if used[n_params]:
         raise SplitError(

@@ -53,8 +53,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend import core as jcore
 
+from . import primitives as P
+
 __all__ = [
     "MAX_UNROLL",
+    "live_equations",
     "RuleTable",
     "classify",
     "forward",
@@ -65,49 +68,12 @@ MAX_UNROLL = 1024
 """The longest ``scan`` the interpreters unroll; a longer one is refused."""
 
 # ---------------------------------------------------------------------------
-# primitive classes
+# primitive classes (the facts live in liftcam_jax.primitives)
 # ---------------------------------------------------------------------------
 
-# Linear in their input-dependent operands (other operands constant).
-LINEAR = frozenset({
-    "add", "add_any", "sub", "neg", "reshape", "transpose", "broadcast_in_dim",
-    "squeeze", "expand_dims", "reduce_sum", "reduce_window_sum", "slice",
-    "concatenate", "stack", "pad", "convert_element_type", "copy", "copy_p", "rev",
-    "cumsum", "reduce_precision", "real", "imag", "complex", "conj",
-    "sharding_constraint", "split", "dynamic_update_slice", "squeeze_p",
-    "optimization_barrier", "pvary", "mesh_cast", "psum",
-})
-# Linear only in some operands: name -> indices of operands that may depend on the input.
-LINEAR_IN = {
-    "mul": None,  # exactly one of the two
-    "dot_general": None,  # exactly one of the two
-    "conv_general_dilated": None,  # exactly one of the two
-    "div": (0,),
-    "select_n": "cases",  # predicate (operand 0) must be constant
-    "dynamic_slice": (0,),
-    "gather": (0,),
-    "scatter-add": (0, 2),
-    "scatter_add": (0, 2),
-}
-# Elementwise nonlinearities of one input-dependent operand.
-ELEMENTWISE = frozenset({
-    "max", "min", "exp", "exp2", "log", "log1p", "expm1", "tanh", "logistic",
-    "sin", "cos", "tan", "asin", "acos", "atan", "sinh", "cosh", "asinh",
-    "acosh", "atanh", "sqrt", "rsqrt", "cbrt", "abs", "sign", "floor", "ceil",
-    "round", "integer_pow", "pow", "square", "clamp", "erf", "erfc", "erf_inv",
-    "lgamma", "digamma", "atan2", "rem", "nextafter", "is_finite", "logaddexp",
-})
-# Windowed or reduced maxima/minima: the max-pool rules.
-CHOOSERS = frozenset({"reduce_window_max", "reduce_max", "reduce_window_min", "reduce_min"})
-# Calls whose body is interpreted recursively.
-CALLS = frozenset({"jit", "pjit", "closed_call", "core_call", "remat", "remat2",
-                   "checkpoint", "custom_vjp_call", "custom_vjp_call_jaxpr", "custom_lin"})
-# Allowed inside a custom_jvp body for it to count as one elementwise function.
-ELEMENTWISE_BODY = ELEMENTWISE | {
-    "add", "sub", "mul", "div", "neg", "convert_element_type", "select_n",
-    "gt", "ge", "lt", "le", "eq", "ne", "and", "or", "not", "stop_gradient",
-    "copy", "copy_p", "pjit", "jit",
-}
+RULE_KINDS = ("linear", "elementwise", "chooser", "call", "custom_jvp")
+"""The kinds of :data:`liftcam_jax.primitives.TABLE` each rule table defines a rule for."""
+
 # Functions refused by name when met as a named call (``jit[name=...]``).
 SOFTMAX_NAMES = frozenset({"softmax", "log_softmax", "_softmax", "_log_softmax"})
 SOFTMAX_ADVICE = (
@@ -157,32 +123,40 @@ def is_float(x) -> bool:
     return jnp.issubdtype(jnp.result_type(x), jnp.inexact)
 
 
-def sub_jaxpr(params):
-    """``(jaxpr, consts)`` of a call equation's body, or ``None``."""
-    for key in ("jaxpr", "call_jaxpr", "fun_jaxpr"):
-        if key in params:
-            j = params[key]
-            if isinstance(j, jcore.ClosedJaxpr):
-                return j.jaxpr, j.consts
-            if isinstance(j, jcore.Jaxpr):
-                return j, ()
-    return None
+sub_jaxpr = P.sub_jaxpr
 
 
 def body_is_elementwise(jaxpr) -> bool:
-    """Whether a ``custom_jvp`` body is one elementwise function (relu, relu6, softplus, ...)."""
+    """Whether a ``custom_jvp`` body is one elementwise function (relu, relu6, softplus, ...).
+
+    Every equation is position-wise (:data:`liftcam_jax.primitives.TABLE`), a
+    broadcast of a scalar, or a plain call whose body is.
+    """
     for eqn in jaxpr.eqns:
         name = eqn.primitive.name
-        if name in ("pjit", "jit"):
-            sub = sub_jaxpr(eqn.params)
+        f = P.facts(name)
+        if f.inline:
+            sub = sub_jaxpr(eqn)
             if sub is None or not body_is_elementwise(sub[0]):
                 return False
         elif name == "broadcast_in_dim":
             if any(getattr(v.aval, "shape", ()) != () for v in eqn.invars if not isinstance(v, jcore.Literal)):
                 return False
-        elif name not in ELEMENTWISE_BODY:
+        elif not f.positionwise:
             return False
     return True
+
+
+def is_elementwise_call(eqn, shape_of_dep, dep_idx) -> bool:
+    """Whether a ``custom_jvp`` equation applies one elementwise function to its one input-dependent operand."""
+    sub = sub_jaxpr(eqn)
+    return (
+        sub is not None
+        and len(dep_idx) == 1
+        and len(eqn.outvars) == 1
+        and tuple(eqn.outvars[0].aval.shape) == tuple(shape_of_dep)
+        and body_is_elementwise(sub[0])
+    )
 
 
 def is_known(x, value) -> bool:
@@ -208,26 +182,9 @@ def body_args(jaxpr, ins, dep_idx, error):
     return ins[shift:], sub_dep
 
 
-def _has_sub_jaxpr(params) -> bool:
-    return any(isinstance(p, (jcore.ClosedJaxpr, jcore.Jaxpr)) for p in params.values()) or any(
-        isinstance(p, (tuple, list)) and any(isinstance(q, (jcore.ClosedJaxpr, jcore.Jaxpr)) for q in p)
-        for p in params.values()
-    )
-
-
 # ---------------------------------------------------------------------------
 # classification
 # ---------------------------------------------------------------------------
-
-_KIND: Dict[str, str] = {
-    **{n: "call" for n in CALLS},
-    **{n: "linear" for n in LINEAR},
-    **{n: "linear" for n in LINEAR_IN},
-    **{n: "elementwise" for n in ELEMENTWISE},
-    **{n: "chooser" for n in CHOOSERS},
-    "custom_jvp_call": "custom_jvp",
-}
-
 
 def classify(eqn, ins, dep_idx, *, error=NotImplementedError, rule: str = "DeepLIFT") -> str:
     """The kind of rule an equation with input-dependent operands ``dep_idx`` needs.
@@ -239,16 +196,17 @@ def classify(eqn, ins, dep_idx, *, error=NotImplementedError, rule: str = "DeepL
     primitive.
     """
     name = eqn.primitive.name
-    kind = _KIND.get(name)
+    f = P.facts(name)
+    kind = f.kind
     register = f"(register one with liftcam_jax.{'rescale' if rule == 'DeepLIFT' else 'lrp'}.register_rule)"
-    if kind is None:
-        what = "a primitive with a body" if _has_sub_jaxpr(eqn.params) else "primitive"
+    if kind not in RULE_KINDS:
+        what = "a primitive with a body" if P.has_sub_jaxpr(eqn.params) else "primitive"
         raise error(f"no {rule} rule for {what} {name!r} applied to an input-dependent value {register}")
-    if kind == "call" and name in ("jit", "pjit") and eqn.params.get("name") in SOFTMAX_NAMES:
-        raise error(f"no {rule} rule for {eqn.params['name']!r}: {SOFTMAX_ADVICE}")
-    if kind == "linear" and name in LINEAR_IN:
-        allowed = LINEAR_IN[name]
-        if allowed is None:
+    if kind == "call" and f.inline and P.call_name(eqn) in SOFTMAX_NAMES:
+        raise error(f"no {rule} rule for {P.call_name(eqn)!r}: {SOFTMAX_ADVICE}")
+    if kind == "linear" and f.operands != "all":
+        allowed = f.operands
+        if allowed == "one":
             if len(dep_idx) == 1:
                 return kind
             raise error(
@@ -279,9 +237,9 @@ def classify(eqn, ins, dep_idx, *, error=NotImplementedError, rule: str = "DeepL
 
 def _reducer(eqn) -> Optional[str]:
     """``"max"``, ``"min"`` or ``"add"`` for a one-operand reduction with that reducer."""
-    j = eqn.params.get("jaxpr")
-    j = j.jaxpr if isinstance(j, jcore.ClosedJaxpr) else j
-    if not isinstance(j, jcore.Jaxpr) or len(eqn.invars) != 2 or len(j.eqns) != 1:
+    sub = sub_jaxpr(eqn)
+    j = None if sub is None else sub[0]
+    if j is None or len(eqn.invars) != 2 or len(j.eqns) != 1:
         return None
     (e,) = j.eqns
     if e.primitive.name not in ("max", "min", "add") or list(j.outvars) != list(e.outvars):
@@ -309,7 +267,8 @@ _WINDOWED = {"max": jax.lax.reduce_window_max_p, "min": jax.lax.reduce_window_mi
 
 def _reduce_window_fn(eqn, ins, dep_idx, error, rule):
     op = _checked_reducer(eqn, dep_idx, error, rule)
-    p = eqn.params
+    p = {k: P.param(eqn, k) for k in ("window_dimensions", "window_strides", "padding", "base_dilation",
+                                      "window_dilation")}
     nd = len(p["window_dimensions"])
     cfg = [(lo, hi, d - 1) for (lo, hi), d in zip(p["padding"], p["base_dilation"])]
     pads = any(c != (0, 0, 0) for c in cfg)
@@ -329,7 +288,7 @@ def _reduce_window_fn(eqn, ins, dep_idx, error, rule):
 
 def _reduce_fn(eqn, ins, dep_idx, error, rule):
     op = _checked_reducer(eqn, dep_idx, error, rule)
-    axes = tuple(eqn.params["dimensions"])
+    axes = tuple(P.param(eqn, "dimensions"))
     identity_init = is_known(ins[1], _IDENTITY[op])
     reduce = {"max": jnp.max, "min": jnp.min, "add": jnp.sum}[op]
 
@@ -341,24 +300,24 @@ def _reduce_fn(eqn, ins, dep_idx, error, rule):
 
 
 def _scan_fn(eqn, ins, dep_idx, error, rule):
-    p = eqn.params
-    n, nc, ncar = int(p["length"]), p["num_consts"], p["num_carry"]
+    layout = P.scan_layout(eqn)
+    n, nc, ncar = layout.length, layout.num_consts, layout.num_carry
     if n > MAX_UNROLL:
         raise error(
             f"no {rule} rule for primitive 'scan' of length {n} (the interpreters unroll "
             f"scans of at most {MAX_UNROLL} steps; write a shorter loop)"
         )
-    body = jcore.jaxpr_as_fun(p["jaxpr"])
+    body = jcore.jaxpr_as_fun(layout.body)
     out_avals = [v.aval for v in eqn.outvars]
 
     def fn(*args):
         consts, carry, xs = args[:nc], list(args[nc:nc + ncar]), args[nc + ncar:]
         ys = []
-        for i in (reversed(range(n)) if p["reverse"] else range(n)):
+        for i in (reversed(range(n)) if layout.reverse else range(n)):
             out = body(*consts, *carry, *[x[i] for x in xs])
             carry, y = list(out[:ncar]), out[ncar:]
             ys.append(y)
-        if p["reverse"]:
+        if layout.reverse:
             ys = ys[::-1]
         stacked = [
             jnp.concatenate([y[k][None] for y in ys]) if ys else jnp.zeros(a.shape, a.dtype)
@@ -372,7 +331,7 @@ def _scan_fn(eqn, ins, dep_idx, error, rule):
 def _cond_fn(eqn, ins, dep_idx, error, rule):
     if 0 in dep_idx:
         raise error(f"no {rule} rule for primitive 'cond' whose branch index depends on the input")
-    branches = [jcore.jaxpr_as_fun(b) for b in eqn.params["branches"]]
+    branches = [jcore.jaxpr_as_fun(b) for b in P.cond_branches(eqn)]
     index = ins[0]
     chosen = None
     if not isinstance(index, jax.core.Tracer):
@@ -431,14 +390,42 @@ def _rewrite_rule(maker):
 # rule tables and the interpreter
 # ---------------------------------------------------------------------------
 
+def call_rule(eqn, ins, dep_idx, ctx):
+    """The rule of a call (``jit``, ``remat``, ``custom_vjp_call``, ...): interpret its body.
+
+    The body runs through the same table (``ctx.table.call``), so a call is
+    transparent: its rule is the composition of its equations' rules.
+    """
+    sub = sub_jaxpr(eqn)
+    if sub is None:
+        raise ctx.table.error(f"cannot look inside call primitive {eqn.primitive.name!r}")
+    return ctx.table.call(*sub, ins, dep_idx, ctx)
+
+
+def custom_jvp_rule(eqn, ins, dep_idx, ctx):
+    r"""The rule of a ``custom_jvp`` function: one elementwise function, else a call.
+
+    A body that is one elementwise function of its one input-dependent operand
+    (``jax.nn.relu``, ``relu6``, ``softplus``: :func:`is_elementwise_call`)
+    takes the table's ``elementwise`` rule as a whole, :math:`y_i = g(u_i)`
+    (DeepLIFT: its secant slope, with the custom derivative as the fallback);
+    any other body is interpreted like a call.
+    """
+    table = ctx.table
+    if dep_idx and is_elementwise_call(eqn, jnp.shape(table.primal(ins[dep_idx[0]])), dep_idx):
+        return table.kinds["elementwise"](eqn, ins, dep_idx, ctx)
+    return call_rule(eqn, ins, dep_idx, ctx)
+
+
 class RuleTable:
     """Rules keyed by primitive name, plus one rule per kind (see :func:`classify`).
 
     Args:
       rule_name: what the rules are called in errors (``"DeepLIFT"``, ``"LRP"``).
       error: the exception raised for a primitive without a rule.
-      kinds: ``{kind: rule}`` for ``linear``, ``elementwise``, ``chooser``,
-        ``call`` and ``custom_jvp``.
+      kinds: ``{kind: rule}`` for ``linear``, ``elementwise`` and ``chooser``;
+        ``call`` and ``custom_jvp`` default to :func:`call_rule` and
+        :func:`custom_jvp_rule`.
       call: ``call(jaxpr, consts, ins, dep_idx, ctx) -> (outs, step)``, how this
         transformation interprets a body (used by calls and rewrites).
       primal: the array a dependent value stands for (for dtype checks).
@@ -449,7 +436,10 @@ class RuleTable:
                  primal: Callable = lambda v: v, depends: Callable = lambda v: True):
         self.rule_name = rule_name
         self.error = error
-        self.kinds = dict(kinds)
+        self.kinds = {"call": call_rule, "custom_jvp": custom_jvp_rule, **kinds}
+        missing = set(RULE_KINDS) - set(self.kinds)
+        if missing:
+            raise TypeError(f"a rule table needs a rule for every kind; missing {sorted(missing)}")
         self.call = call
         self.primal = primal
         self.depends = depends
@@ -485,20 +475,77 @@ class Trace(NamedTuple):
     is_dep: Callable[[Any], bool]
 
 
-def _live_eqns(jaxpr) -> list:
-    """The equations the outputs need (and effectful ones), in order: dead code is not evaluated.
+def _body_uses(eqn, used_outputs):
+    """Which operands of ``eqn`` its outputs ``used_outputs`` read, looking inside call bodies.
+
+    A call (``jit``, ``remat``, ``custom_jvp_call``, ``custom_vjp_call``, ...)
+    reads only the operands its body's live equations read (its leading
+    operands beyond the body's arguments, constants, count as read); a
+    ``cond`` reads its index and what any branch reads. Any other equation
+    reads all its operands.
+    """
+    n = len(eqn.invars)
+    if P.facts(eqn.primitive.name).kind in ("call", "custom_jvp"):
+        sub = sub_jaxpr(eqn)
+        if sub is not None and len(sub[0].outvars) == len(eqn.outvars) and len(sub[0].invars) <= n:
+            _, body_used = live_equations(sub[0], used_outputs)
+            return [True] * (n - len(body_used)) + body_used
+    if eqn.primitive.name == "cond":
+        branches = P.cond_branches(eqn)
+        if all(len(b.jaxpr.invars) == n - 1 and len(b.jaxpr.outvars) == len(eqn.outvars) for b in branches):
+            uses = [live_equations(b.jaxpr, used_outputs)[1] for b in branches]
+            return [True] + [any(u[i] for u in uses) for i in range(n - 1)]
+    return [True] * n
+
+
+def live_equations(jaxpr, used_outputs=None, *, known=()):
+    """Dead-code elimination: the equations the used outputs need, and which inputs they read.
+
+    Args:
+      jaxpr: a ``jax.extend.core.Jaxpr``.
+      used_outputs: one bool per output (default: all used).
+      known: variables whose values the caller already has: their producers
+        are not needed.
+
+    Returns:
+      ``(eqns, used_inputs)``: the equations to evaluate, in order (those whose
+      outputs are needed, and effectful ones), and one bool per
+      ``jaxpr.invars``: whether any of them reads it. Call bodies are looked
+      into (:func:`_body_uses`), so a call keeps only the operands its body
+      really uses; a kept call's operand that is not read may be missing from
+      an evaluator's environment (:func:`read_env` gives a placeholder).
 
     A split's head built by running the whole model on a placeholder input
-    (:mod:`liftcam_jax.flax_split`) leaves the front dead; without ``jit`` it
-    would otherwise be computed.
+    (:mod:`liftcam_jax.flax_split`) leaves the front dead: it is not
+    evaluated, and the input is unused exactly when no connection goes around
+    the cut.
     """
-    live = {v for v in jaxpr.outvars if not isinstance(v, jcore.Literal)}
+    if used_outputs is None:
+        used_outputs = [True] * len(jaxpr.outvars)
+    known = set(known)
+    live = {v for v, u in zip(jaxpr.outvars, used_outputs) if u and not isinstance(v, jcore.Literal)}
     kept = []
     for eqn in reversed(jaxpr.eqns):
-        if eqn.effects or any(v in live for v in eqn.outvars if not isinstance(v, jcore.DropVar)):
-            kept.append(eqn)
-            live.update(v for v in eqn.invars if not isinstance(v, jcore.Literal))
-    return kept[::-1]
+        outs_used = [not isinstance(v, jcore.DropVar) and v in live and v not in known for v in eqn.outvars]
+        if not (eqn.effects or any(outs_used)):
+            continue
+        kept.append(eqn)
+        reads = [True] * len(eqn.invars) if eqn.effects else _body_uses(eqn, outs_used)
+        live.update(v for v, r in zip(eqn.invars, reads) if r and not isinstance(v, jcore.Literal))
+    return kept[::-1], [v in live for v in jaxpr.invars]
+
+
+def read_env(env, v):
+    """The value of ``v`` (a Var or Literal) in ``env``; zeros of its type for a dead operand.
+
+    :func:`live_equations` drops the producers of a call's operands that the
+    call's body never reads; the call still takes a value for them.
+    """
+    if isinstance(v, jcore.Literal):
+        return v.val
+    if v in env:
+        return env[v]
+    return jnp.zeros(v.aval.shape, v.aval.dtype)
 
 
 def forward(jaxpr, consts, args, dep_pos, ctx) -> Trace:
@@ -507,7 +554,7 @@ def forward(jaxpr, consts, args, dep_pos, ctx) -> Trace:
     env, dep = {}, set()
 
     def read(v):
-        return v.val if isinstance(v, jcore.Literal) else env[v]
+        return read_env(env, v)
 
     def is_dep(v):
         return not isinstance(v, jcore.Literal) and v in dep
@@ -520,7 +567,7 @@ def forward(jaxpr, consts, args, dep_pos, ctx) -> Trace:
             dep.add(v)
 
     steps = []
-    for eqn in _live_eqns(jaxpr):
+    for eqn in live_equations(jaxpr)[0]:
         ins = [read(v) for v in eqn.invars]
         dep_idx = [i for i, v in enumerate(eqn.invars) if is_dep(v)]
         if not dep_idx:

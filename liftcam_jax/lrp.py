@@ -18,7 +18,7 @@ batch-norm shifts) keep their share and the stabiliser absorbs a little, so
 a constant (relevance is conserved through every rule below).
 
 This module interprets the function's jaxpr (like :mod:`liftcam_jax.rescale`,
-whose primitive tables it shares): a forward pass stores every value that
+whose primitive facts, :mod:`liftcam_jax.primitives`, it shares): a forward pass stores every value that
 depends on the input, then a reverse pass applies one rule per equation:
 
 * affine equations (``dot_general``/``conv_general_dilated`` with a constant
@@ -60,10 +60,9 @@ import jax
 import jax.numpy as jnp
 from jax.extend import core as jcore
 
-from . import interpreter
+from . import interpreter, primitives
 from .errors import LiftcamError
 from .interpreter import bind as _bind
-from .interpreter import body_is_elementwise as _body_is_elementwise
 from .interpreter import eqn_fn as _eqn_fn
 
 __all__ = [
@@ -83,19 +82,6 @@ DEFAULT_EPSILON = 1e-9
 
 class NoRelevanceRule(LiftcamError, NotImplementedError):
     """Raised when an input-dependent primitive has no LRP rule."""
-
-
-# Linear primitives whose Jacobian only moves, copies or selects entries: the
-# relevance follows the transpose exactly (the epsilon rule would give the same
-# up to a factor x / stab(x)). A subset of rescale's linear tables.
-_STRUCTURAL = frozenset({
-    "reshape", "transpose", "broadcast_in_dim", "squeeze", "expand_dims",
-    "slice", "concatenate", "stack", "pad", "convert_element_type", "copy", "copy_p",
-    "rev", "reduce_precision", "sharding_constraint", "split",
-    "dynamic_update_slice", "squeeze_p", "optimization_barrier", "pvary",
-    "mesh_cast", "select_n", "dynamic_slice", "gather",
-})
-assert _STRUCTURAL <= set(interpreter.LINEAR) | set(interpreter.LINEAR_IN)
 
 
 def stabilize(z, epsilon: float = DEFAULT_EPSILON):
@@ -164,27 +150,11 @@ def _call(jaxpr, consts, ins, dep_idx, ctx):
     return outs, back
 
 
-def _call_rule(eqn, ins, dep_idx, ctx):
-    sub = interpreter.sub_jaxpr(eqn.params)
-    if sub is None:
-        raise NoRelevanceRule(f"cannot look inside call primitive {eqn.primitive.name!r}")
-    return _call(*sub, ins, dep_idx, ctx)
-
-
-def _custom_jvp_rule(eqn, ins, dep_idx, ctx):
-    jaxpr, _ = interpreter.sub_jaxpr(eqn.params)
-    if (
-        len(dep_idx) == 1
-        and len(eqn.outvars) == 1
-        and tuple(eqn.outvars[0].aval.shape) == tuple(jnp.shape(ins[dep_idx[0]]))
-        and _body_is_elementwise(jaxpr)
-    ):
-        return _pass_through_rule(eqn, ins, dep_idx, ctx)  # relu, relu6, softplus, ...
-    return _call_rule(eqn, ins, dep_idx, ctx)
-
-
 def _linear_rule(eqn, ins, dep_idx, ctx):
-    rule = _structural_rule if eqn.primitive.name in _STRUCTURAL else _epsilon_rule
+    # A Jacobian that only moves, copies or selects entries passes relevance
+    # through its transpose (the epsilon rule would give the same up to a
+    # factor x / stab(x)).
+    rule = _structural_rule if primitives.facts(eqn.primitive.name).structural else _epsilon_rule
     return rule(eqn, ins, dep_idx, ctx)
 
 
@@ -235,8 +205,6 @@ _TABLE = interpreter.RuleTable(
     "LRP",
     NoRelevanceRule,
     {
-        "custom_jvp": _custom_jvp_rule,
-        "call": _call_rule,
         "linear": _linear_rule,
         "elementwise": _pass_through_rule,
         "chooser": _epsilon_rule,

@@ -7,7 +7,7 @@ difference of a function's output between an input ``x`` and a reference
 its secant slope between the two points,
 
 .. math::  s = \frac{g(u) - g(u_{ref})}{u - u_{ref}}
-           \quad (\text{or } g'(u) \text{ where } |u - u_{ref}| < \varepsilon),
+           \quad (\text{or } g'(\tfrac{u + u_{ref}}{2}) \text{ where } |u - u_{ref}| < \varepsilon),
 
 and keeps the gradient of every linear or affine operation. Composing these
 gives a *linear* map ``L`` with the summation-to-delta property
@@ -56,7 +56,7 @@ import jax
 import jax.numpy as jnp
 from jax.extend import core as jcore
 
-from . import interpreter
+from . import interpreter, primitives
 from .errors import LiftcamError
 from .interpreter import classify
 
@@ -74,7 +74,7 @@ __all__ = [
 ]
 
 DEFAULT_EPS = 1e-10
-"""Below this difference a nonlinearity uses its derivative (Captum's DeepLift default)."""
+"""Below this difference a nonlinearity uses its derivative at the midpoint (Captum's DeepLift default)."""
 
 class NoRescaleRule(LiftcamError, NotImplementedError):
     """Raised when an input-dependent primitive has no DeepLIFT rule."""
@@ -114,26 +114,9 @@ def _ref(u: _Pair):
         return jax.lax.optimization_barrier(jnp.zeros(u.ref.shape, u.ref.dtype))
     return u.ref
 
-# ---------------------------------------------------------------------------
-# primitive classes (the kinds are shared with LRP: liftcam_jax.interpreter)
-# ---------------------------------------------------------------------------
-
-# Linear with f(0) = 0 in their input-dependent operands whatever the constant
-# operands are: a zero reference stays zero through them.
-_HOMOGENEOUS = {
-    "mul", "div", "dot_general", "conv_general_dilated", "neg", "reshape", "transpose",
-    "broadcast_in_dim", "squeeze", "expand_dims", "reduce_sum", "reduce_window_sum",
-    "slice", "convert_element_type", "copy", "copy_p", "rev", "cumsum",
-    "reduce_precision", "real", "imag", "conj", "sharding_constraint", "split",
-    "squeeze_p", "optimization_barrier", "pvary", "mesh_cast", "psum",
-    "dynamic_slice", "gather",
-}
-# Zero at zero only when every operand is input-dependent (sums, selections).
-_HOMOGENEOUS_IF_ALL = {"add", "add_any", "sub", "concatenate", "stack", "select_n"}
-# Windowed or reduced maxima/minima: Captum's max-pool rule.
-_CHOOSERS = {"reduce_window_max": jnp.maximum, "reduce_max": jnp.maximum,
-             "reduce_window_min": jnp.minimum, "reduce_min": jnp.minimum}
-assert set(_CHOOSERS) == set(interpreter.CHOOSERS)
+# Windowed or reduced maxima/minima (kind "chooser" in liftcam_jax.primitives):
+# how two candidate outputs combine.
+_CROSS = {"max": jnp.maximum, "min": jnp.minimum}
 
 
 def _where_small(du, eps):
@@ -149,17 +132,19 @@ def _zeros_like_out(eqn):
 
 
 def _stays_zero(eqn, ins, dep_idx) -> bool:
-    """Whether the outputs are zero when every input-dependent operand's reference is."""
+    """Whether the outputs are zero when every input-dependent operand's reference is.
+
+    Read from the primitive's ``zero`` fact (:mod:`liftcam_jax.primitives`).
+    """
     if not all(isinstance(ins[i].ref, _Zeros) for i in dep_idx):
         return False
-    name = eqn.primitive.name
-    if name == "select_n":  # the predicate (operand 0) is constant
-        return len(dep_idx) == len(ins) - 1
-    if name == "pad":  # zero padding of zeros
-        return dep_idx == [0] and interpreter.is_known(ins[1], 0)
-    if name in _HOMOGENEOUS_IF_ALL:
-        return len(dep_idx) == len(ins)
-    return name in _HOMOGENEOUS
+    zero = primitives.facts(eqn.primitive.name).zero
+    if zero == "always":
+        return True
+    if zero not in ("if_constants_zero", "if_cases"):
+        return False
+    free = {0} if zero == "if_cases" else set()  # select_n's predicate may be anything
+    return all(interpreter.is_known(ins[j], 0) for j in range(len(ins)) if j not in dep_idx and j not in free)
 
 
 def _linear_rule(eqn, ins, dep_idx, ctx):
@@ -173,14 +158,25 @@ def _linear_rule(eqn, ins, dep_idx, ctx):
 
 
 def _secant(g, u: _Pair, eps):
-    """Secant slope of an elementwise ``g`` between ``u.val`` and ``u.ref``."""
-    val, deriv = jax.jvp(g, (u.val,), (jnp.ones_like(u.val),))
+    r"""Secant slope of an elementwise ``g`` between ``u.val`` and ``u.ref``, differentiable.
+
+    .. math::  s = \frac{g(u) - g(u_{ref})}{u - u_{ref}}, \qquad
+               s = g'\big(\tfrac{u + u_{ref}}{2}\big) \text{ where } |u - u_{ref}| < \varepsilon.
+
+    The midpoint derivative has the secant's value up to
+    :math:`O(\Delta^2)` and its derivative, :math:`\partial s/\partial u =
+    g''/2` per side, so ``jax.grad`` of an explanation is the derivative of
+    the explanation (no ``stop_gradient``). The division is guarded by a
+    second ``where`` so that the branch not taken has no NaN gradient.
+    """
     u_ref = _ref(u)
-    ref = g(u_ref)
+    val, ref = g(u.val), g(u_ref)
     du = u.val - u_ref
     small = _where_small(du, eps)
+    mid = (u.val + u_ref) / 2
+    _, deriv = jax.jvp(g, (mid,), (jnp.ones_like(mid),))
     slope = jnp.where(small, deriv, (val - ref) / jnp.where(small, 1.0, du))
-    return val, ref, jax.lax.stop_gradient(slope)
+    return val, ref, slope
 
 
 def _elementwise_rule(eqn, ins, dep_idx, ctx):
@@ -194,12 +190,12 @@ def _elementwise_rule(eqn, ins, dep_idx, ctx):
         expand = lambda t: t
     base = interpreter.eqn_fn(eqn, ins, dep_idx)
     val, ref, slope = _secant(lambda x: base(x)[0], u, ctx.eps)
-    ctx.nonlinear.append(eqn.primitive.name)
+    ctx.nonlinear.append(primitives.label(eqn))
     return [_Pair(val, ref)], lambda t: [slope * expand(t)]
 
 
 def _chooser_rule(eqn, ins, dep_idx, ctx):
-    cross = _CHOOSERS[eqn.primitive.name]
+    cross = _CROSS[primitives.facts(eqn.primitive.name).chooses]
     x = ins[0]
     f = lambda v: interpreter.bind(eqn, [v])[0]
     val, sel_a = jax.linearize(f, x.val)
@@ -213,9 +209,10 @@ def _chooser_rule(eqn, ins, dep_idx, ctx):
     inv = jnp.where(small, 0.0, 1.0 / jnp.where(small, 1.0, dx))
     fallback = small.astype(dx.dtype)
     c = cross(val, ref)
-    to_actual = jax.lax.stop_gradient(c - ref)
-    to_reference = jax.lax.stop_gradient(val - c)
-    inv, fallback = jax.lax.stop_gradient(inv), jax.lax.stop_gradient(fallback)
+    # Differentiable factors (no stop_gradient): jax.grad of an explanation is
+    # its derivative away from ties; the guarded division has no NaN branch.
+    to_actual = c - ref
+    to_reference = val - c
 
     def tangent(t):
         scaled = inv * t
@@ -226,45 +223,13 @@ def _chooser_rule(eqn, ins, dep_idx, ctx):
 
 def _windows_hold_data(eqn) -> bool:
     """Every pooling window covers at least one real (not padded) element."""
-    if eqn.primitive.name in ("reduce_max", "reduce_min"):
+    if primitives.facts(eqn.primitive.name).reduces == "axes":
         return True
-    p = eqn.params
-    if any(d != 1 for d in (*p.get("base_dilation", ()), *p.get("window_dilation", ()))):
+    p = {k: primitives.param(eqn, k) for k in ("base_dilation", "window_dilation", "padding", "window_dimensions")}
+    if any(d != 1 for d in (*p["base_dilation"], *p["window_dilation"])):
         return False
     return all(lo < k and hi < k for (lo, hi), k in zip(p["padding"], p["window_dimensions"]))
 
-
-def _call_rule(eqn, ins, dep_idx, ctx):
-    sub = interpreter.sub_jaxpr(eqn.params)
-    if sub is None:
-        raise NoRescaleRule(f"cannot look inside call primitive {eqn.primitive.name!r}")
-    return _call(*sub, ins, dep_idx, ctx)
-
-
-def _custom_name(eqn, jaxpr) -> str:
-    """``custom_jvp_call`` names its function in the inner ``jit`` (``relu``, ``relu6``)."""
-    for e in jaxpr.eqns:
-        if "name" in e.params:
-            return f"custom_jvp_call[{e.params['name']}]"
-    return "custom_jvp_call"
-
-
-def _custom_jvp_rule(eqn, ins, dep_idx, ctx):
-    jaxpr, consts = interpreter.sub_jaxpr(eqn.params)
-    out_avals = [v.aval for v in eqn.outvars]
-    if (
-        len(dep_idx) == 1
-        and len(out_avals) == 1
-        and tuple(out_avals[0].shape) == tuple(jnp.shape(ins[dep_idx[0]].val))
-        and interpreter.body_is_elementwise(jaxpr)
-    ):
-        # One elementwise function (relu, relu6, softplus...): its own secant
-        # slope, and its own derivative (the custom rule) as the fallback.
-        base = interpreter.eqn_fn(eqn, ins, dep_idx)
-        val, ref, slope = _secant(lambda x: base(x)[0], ins[dep_idx[0]], ctx.eps)
-        ctx.nonlinear.append(_custom_name(eqn, jaxpr))
-        return [_Pair(val, ref)], lambda t: [slope * t]
-    return _call_rule(eqn, ins, dep_idx, ctx)
 
 # ---------------------------------------------------------------------------
 # the rule table and the interpreter
@@ -347,8 +312,6 @@ _TABLE = interpreter.RuleTable(
     "DeepLIFT",
     NoRescaleRule,
     {
-        "custom_jvp": _custom_jvp_rule,
-        "call": _call_rule,
         "linear": _linear_rule,
         "elementwise": _elementwise_rule,
         "chooser": _chooser_rule,

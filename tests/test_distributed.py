@@ -210,3 +210,18 @@ def test_an_unreachable_coordinator_is_one_line_within_a_minute(tmp_path, capsys
     assert fake_zoo.main(["explain", str(tmp_path / "in"), "--model", "tiny", "--out", str(tmp_path / "o2"),
                           "--num-processes", "2"]) == 2
     assert "together" in capsys.readouterr().err
+
+
+def test_the_barrier_fails_in_one_line_if_jax_moves_its_runtime_client(monkeypatch):
+    """The private barrier is reached in one function; if JAX moves it the error names the version."""
+    import jax
+    from jax._src import distributed as _dist
+
+    from liftcam_jax import distributed
+    from liftcam_jax.errors import UsageError
+
+    monkeypatch.delattr(_dist, "global_state")
+    with pytest.raises(UsageError, match=f"JAX {jax.__version__} moved its distributed runtime's barrier"):
+        distributed._runtime_client()
+    monkeypatch.setattr(jax, "process_count", lambda: 1)
+    distributed.barrier("one process: no-op")

@@ -207,3 +207,35 @@ def test_generic_reduce_with_a_max_reducer_is_reduce_max():
     g = lambda a: _dense(jnp.max(a, axis=1)[:, None], out=2)
     np.testing.assert_allclose(deeplift(f, x, None, 1).attributions, deeplift(g, x, None, 1).attributions, rtol=1e-6)
     np.testing.assert_allclose(lrp.lrp(f, x, 1).attributions, lrp.lrp(g, x, 1).attributions, rtol=1e-6)
+
+
+def test_live_equations_looks_inside_call_bodies():
+    """DCE keeps only the operands a call's body reads (jit, remat, custom_jvp, custom_vjp)."""
+    from liftcam_jax.interpreter import live_equations
+
+    @jax.custom_jvp
+    def first(a, b):
+        return a * 2.0
+
+    first.defjvp(lambda primals, tangents: (first(*primals), tangents[0] * 2.0))
+
+    @jax.custom_vjp
+    def first_vjp(a, b):
+        return jnp.sin(a)
+
+    first_vjp.defvjp(lambda a, b: (jnp.sin(a), a), lambda a, g: (jnp.cos(a) * g, None))
+
+    calls = {
+        "jit": jax.jit(lambda a, b: a + 1.0),
+        "remat": jax.checkpoint(lambda a, b: a + 1.0),
+        "custom_jvp": first,
+        "custom_vjp": first_vjp,
+    }
+    for name, call in calls.items():
+        jaxpr = jax.make_jaxpr(lambda x, y: call(jnp.tanh(x), jnp.exp(y)))(1.0, 2.0).jaxpr
+        eqns, used = live_equations(jaxpr)
+        assert used == [True, False], name
+        assert "exp" not in [e.primitive.name for e in eqns], name
+    # an unused output: its producers are dead, its inputs unread
+    jaxpr = jax.make_jaxpr(jax.jit(lambda x, y: (jnp.sin(x), jnp.cos(y))))(1.0, 2.0).jaxpr
+    assert live_equations(jaxpr, [False, True])[1] == [False, True]

@@ -1,4 +1,6 @@
 """Bring your own model: linen and NNX models explained at a named layer, no hand-written split."""
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -311,3 +313,46 @@ def test_flaxmodels_resnet50_at_its_last_stage_equals_the_zoo_split(resnet50_pai
                                                              "architecture", "block")}, "output": "softmax"})
     with pytest.raises(lj.NoRescaleRule, match="softmax"):
         lj.explainer(lj.linen_split(softmax, "Bottleneck_15", train=False))(fv, x)
+
+
+class _CutInside(nn.Module):
+    """A block holding the cut ``block/cut``; after it a jitted (or rematerialised) function
+    that receives the block's input too and reads it only when there is a connection around
+    the cut."""
+
+    around: bool
+    call: Any = jax.jit
+
+    @nn.compact
+    def __call__(self, x):
+        y = nn.relu(nn.Conv(3, (3, 3), name="cut")(x))
+        y = nn.Conv(3, (1, 1), name="after")(y)
+        combine = self.call(lambda y, x: y + x if self.around else jnp.tanh(y))
+        return combine(y, x)
+
+
+def _wrapped_model(call, around):
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            h = _CutInside(around, call, name="block")(x)
+            return nn.Dense(4)(h.mean((1, 2)))
+
+    return Net()
+
+
+@pytest.mark.parametrize("call", [jax.jit, jax.checkpoint], ids=["jit", "remat"])
+def test_a_cut_inside_a_jitted_or_rematerialised_block_is_judged_by_the_block_body(call):
+    """The skip-connection check looks inside call bodies: a call (``jit``, ``remat``) that
+    gets the model's input but does not read it does not make the head depend on it."""
+    x = jax.random.normal(KEY, (2, 8, 8, 3))
+    good = _wrapped_model(call, around=False)
+    vg = good.init(KEY, x)
+    split = lj.linen_split(good, "block/cut")
+    np.testing.assert_allclose(split(vg, x), good.apply(vg, x), rtol=1e-5, atol=1e-6)
+    _completeness(lj.explain(split, vg, x))
+
+    bad = _wrapped_model(call, around=True)
+    vb = bad.init(KEY, x)
+    with pytest.raises(lj.SplitError, match="around it"):
+        lj.explain(lj.linen_split(bad, "block/cut"), vb, x)

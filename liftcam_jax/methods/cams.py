@@ -30,20 +30,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .. import rescale
+from .. import primitives, rescale
 from ..errors import UsageError, positive_int
 from ..explanation import Attribution
 from .registry import register
 
 SPATIAL = (1, 2)
 
-# Piecewise-linear operations: their derivative is piecewise constant, so JAX's
-# second and third derivatives through them are exactly zero.
-PIECEWISE_LINEAR = frozenset({
-    "max", "min", "abs", "clamp", "sign", "floor", "ceil", "round",
-    "reduce_window_max", "reduce_window_min", "reduce_max", "reduce_min",
-    "custom_jvp_call[relu]", "custom_jvp_call[relu6]",
-})
 
 
 def target_gradients(head, params, activations, targets):
@@ -226,7 +219,7 @@ def _is_piecewise_linear(head, params, activations) -> bool:
         ops = rescale.nonlinear_primitives(lambda z: head(params, z), activations)
     except rescale.NoRescaleRule:
         return False
-    return set(ops) <= PIECEWISE_LINEAR
+    return all(primitives.is_piecewise_linear(op) for op in ops)
 
 
 def _chunk(chunk_size) -> int:
@@ -258,7 +251,7 @@ def grad_cam_pp(split, params, x, activations, targets, logits, *, key=None, exa
       (forward-over-reverse; :func:`grad_cam_pp_diagonals` says what exactly
       is computed and what it costs: ``h*w*K`` probes, ``chunk_size`` at a
       time). When every nonlinearity of the head is piecewise linear (ReLU,
-      max-pooling: see ``PIECEWISE_LINEAR``), ``h2 = h3 = 0`` identically,
+      max-pooling: see :func:`liftcam_jax.primitives.is_piecewise_linear`), ``h2 = h3 = 0`` identically,
       the probes are skipped and the result equals the default.
 
     The common positive factor ``exp(y^c)`` of ``dS/dA`` is dropped (the map is
