@@ -24,6 +24,7 @@ import numpy as np
 
 from liftcam_jax.errors import UsageError
 
+from .architectures import get
 from .base import StagedModel
 
 _LEAF = {
@@ -129,8 +130,6 @@ def from_torch(state_dict: Mapping[str, np.ndarray], model):
     """A PyTorch ``state_dict`` (numpy or torch tensors) -> ``{stage: variables}`` for ``model``
     (a :class:`StagedModel` or a zoo name)."""
     if isinstance(model, str):
-        from .zoo import get
-
         model = get(model)
     expected = torch_keys(model)
     given = {k: v for k, v in state_dict.items() if not k.endswith("num_batches_tracked")}

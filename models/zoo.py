@@ -31,21 +31,10 @@ from liftcam_jax.files import cache_root, write_npz
 from liftcam_jax.model import Classifier
 
 from . import convert
+from .architectures import get, names  # noqa: F401  (names: models.zoo.names, as before)
 from .base import StagedModel
-from .efficientnet_lite import CONFIGS as _LITE
-from .efficientnet_lite import efficientnet_lite
-from .resnet import CONFIGS as _RESNETS
-from .resnet import resnet
-from .vgg import CONFIGS as _VGGS
-from .vgg import vgg
 
 DATA = Path(__file__).resolve().parent / "data"
-
-_BUILDERS: Dict[str, Callable[[str], StagedModel]] = {}
-_BUILDERS.update({n: resnet for n in _RESNETS})
-for _n in _VGGS:
-    _BUILDERS[_n] = _BUILDERS[f"{_n}_bn"] = vgg
-_BUILDERS.update({n: efficientnet_lite for n in _LITE})
 
 # torchvision's IMAGENET1K_V1 checkpoints (what the error message tells users to fetch)
 TORCHVISION_URLS = {
@@ -63,19 +52,6 @@ TORCHVISION_URLS = {
     "vgg19": "vgg19-dcbb9e9d.pth",
     "vgg19_bn": "vgg19_bn-c79401a0.pth",
 }
-
-
-def names() -> List[str]:
-    """Every model name the zoo knows."""
-    return list(_BUILDERS)
-
-
-@functools.lru_cache(maxsize=None)
-def get(name: str) -> StagedModel:
-    """The architecture ``name`` as a :class:`StagedModel` (no weights)."""
-    if name not in _BUILDERS:
-        raise UsageError(f"unknown model {name!r}; valid models: {', '.join(names())}")
-    return _BUILDERS[name](name)
 
 
 @functools.lru_cache(maxsize=None)

@@ -339,6 +339,135 @@ def test_tfds_errors_are_usage_errors(tfds_dir, tmp_path):
         open_inputs(["tfds:liftcam_tiny_images"], data_dir=tfds_dir)
 
 
+def test_sources_declare_what_callers_ask_and_max_pixels_is_given_when_opened(tfds_dir, tmp_path):
+    from liftcam_jax.data import DataOptions, Source
+
+    _img(tmp_path / "a.png", size=(20, 20))
+    np.save(tmp_path / "x.npy", np.zeros((1, 4, 4, 3), np.float32))
+    files, arr, split = open_inputs([str(tmp_path / "a.png"), str(tmp_path / "x.npy"),
+                                     "tfds:liftcam_tiny_images:train[:1]"], data_dir=tfds_dir, max_pixels=100)
+    for s in (files, arr, split):
+        assert isinstance(s, Source) and not s.sequential and s.random_access and not s.has_boxes
+    assert (files.spec, arr.spec, split.spec) == (None, str(tmp_path / "x.npy"), "tfds:liftcam_tiny_images:train[:1]")
+    assert files.label_names is None and split.label_names == [str(i) for i in range(N_TFDS)]
+    assert files.max_pixels == split.max_pixels == 100  # a 400-pixel file, TFDS images of 30 to 60 pixels
+    with pytest.raises(ItemError, match="too large"):
+        files.load(files.items[0])
+    assert split.load(split.items[0]).shape[1:] == (5, 3)
+    (small,) = open_inputs(["tfds:liftcam_tiny_images:train[:1]"], options=DataOptions(data_dir=tfds_dir, max_pixels=20))
+    with pytest.raises(ItemError, match="too large"):
+        small.load(small.items[0])
+    with pytest.raises(TypeError, match="not both"):
+        open_inputs([str(tmp_path / "a.png")], data_dir=tfds_dir, options=DataOptions())
+
+
+# ---------------------------------------------------------------------------
+# TFDS messages: one line, a step that works (no network: builders defined here)
+# ---------------------------------------------------------------------------
+
+MANUAL_FILE = "liftcam_levels.txt"
+
+
+class LiftcamManualImages(tfds.core.GeneratorBasedBuilder):
+    """Images whose levels are read from a file the user downloads by hand (like imagenet2012's archives)."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    MANUAL_DOWNLOAD_INSTRUCTIONS = """
+    Download liftcam_levels.txt from the lab's share
+      and put it in the manual dir.
+    """
+
+    def _info(self):
+        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+            "image": tfds.features.Image(shape=(None, None, 3)),
+            "label": tfds.features.ClassLabel(names=["dark", "light"]),
+        }))
+
+    def _split_generators(self, dl_manager):
+        return {"validation": self._generate_examples(os.path.join(dl_manager.manual_dir, MANUAL_FILE))}
+
+    def _generate_examples(self, path):
+        with open(path) as f:
+            for i, level in enumerate(int(v) for v in f.read().split()):
+                yield i, {"image": _png_bytes(Image.fromarray(np.full((3, 4, 3), level, np.uint8))),
+                          "label": int(level > 127)}
+
+
+def _usage_error(*args, **kw) -> str:
+    with pytest.raises(UsageError) as e:
+        open_inputs(*args, **kw)
+    msg = str(e.value)
+    assert "\n" not in msg, msg
+    return msg
+
+
+def test_a_misspelt_dataset_keeps_tfds_suggestion(tfds_dir):
+    msg = _usage_error(["tfds:liftcam_tiny_imagez:train[2:5]"], data_dir=tfds_dir)
+    assert "not found" in msg and "did you mean 'liftcam_tiny_images'" in msg, msg
+    step = msg.split("(input ", 1)[1].rstrip(")")
+    assert step == "tfds:liftcam_tiny_images:train[2:5]"
+    assert len(open_inputs([step], data_dir=tfds_dir)[0].items) == 3  # the suggested input works
+    msg = _usage_error(["tfds:liftcam_tiny_images@9.9.9:train"], data_dir=tfds_dir)
+    assert "9.9.9" in msg and "1.0.0" in msg and "Failed to construct" not in msg, msg
+
+
+def test_a_manual_download_says_where_and_how_then_prepares(tmp_path, capsys):
+    data_dir = str(tmp_path / "tfds")
+    manual = os.path.join(data_dir, "downloads", "manual")
+    spec = "tfds:liftcam_manual_images:validation"
+    msg = _usage_error([spec], data_dir=data_dir)
+    assert "not prepared" in msg and f"put its files in {manual} " in msg, msg
+    assert "(TFDS: Download liftcam_levels.txt from the lab's share and put it in the manual dir.)" in msg, msg
+    assert "--download" in msg and "(no TensorFlow needed)" in msg and "tfds.load" not in msg, msg
+    msg = _usage_error([spec], data_dir=data_dir, download=True)  # TFDS cannot download it: said before trying
+    assert f"put its files in {manual} " in msg and "then run again with --download" in msg, msg
+    os.makedirs(manual)
+    with open(os.path.join(manual, MANUAL_FILE), "w") as f:
+        f.write("0 200 90")
+    (src,) = open_inputs([spec], data_dir=data_dir, download=True)  # the step the message names
+    got = [fetch() for _, fetch in src.read(src.items)]
+    assert sorted((int(g.image[0, 0, 0]), g.label_name) for g in got) == [(0, "dark"), (90, "dark"), (200, "light")]
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_which_builders_need_tensorflow_to_prepare(tmp_path, monkeypatch):
+    """TFDS's catalog builders use TensorFlow to prepare (imagenet2012: tf.io.gfile); one yielding bytes does not."""
+    from liftcam_jax.data import tfds_prepare
+
+    data_dir = str(tmp_path)
+    assert not tfds_prepare.needs_tensorflow(LiftcamTinyImages(data_dir=data_dir))
+    assert tfds_prepare.needs_tensorflow(tfds.builder("imagenet2012", data_dir=data_dir))
+    assert tfds_prepare.needs_tensorflow(tfds.builder("imagenette", data_dir=data_dir))
+    monkeypatch.setattr(tfds_prepare, "tf_available", lambda: False)
+    msg = _usage_error(["tfds:imagenet2012:validation[:10]"], data_dir=data_dir)
+    manual = os.path.join(data_dir, "downloads", "manual")
+    assert f"put its files in {manual} " in msg and "ILSVRC2012_img_val.tar" in msg, msg
+    assert "pip install tensorflow-cpu" in msg and "no TensorFlow needed" not in msg, msg
+    os.makedirs(manual)
+    open(os.path.join(manual, "ILSVRC2012_img_val.tar"), "wb").close()
+    msg = _usage_error(["tfds:imagenet2012:validation[:10]"], data_dir=data_dir, download=True)
+    assert "uses TensorFlow" in msg and "pip install tensorflow-cpu" in msg, msg
+
+
+def test_no_absl_lines_before_an_error_and_none_hidden_otherwise(tmp_path, capsys, caplog):
+    from absl import logging as absl_logging
+
+    from liftcam_jax.data.tfds_prepare import absl_quiet
+
+    os.makedirs(tmp_path / "liftcam_tiny_images" / "1.0.0")  # TFDS warns: "Variant folder ... has no dataset_info"
+    caplog.set_level("WARNING")
+    msg = _usage_error(["tfds:liftcam_tiny_images:train"], data_dir=str(tmp_path))
+    assert "not prepared" in msg
+    assert not [r for r in caplog.records if r.name == "absl"] and "absl" not in capsys.readouterr().err
+    with pytest.raises(RuntimeError):
+        with absl_quiet():
+            absl_logging.warning("dropped: an error follows")
+            raise RuntimeError("x")
+    with absl_quiet():
+        absl_logging.warning("kept: no error")
+    assert [r.getMessage() for r in caplog.records if r.name == "absl"] == ["kept: no error"]
+
+
 # ---------------------------------------------------------------------------
 # dataset labels -> model classes
 # ---------------------------------------------------------------------------

@@ -254,7 +254,7 @@ def test_without_tensorflow_the_error_names_a_step_that_works(twins, tmp_path, m
     rec, arr = twins
     copy = tmp_path / "tfds"
     shutil.copytree(rec, copy)
-    monkeypatch.setattr(data, "_tf_available", lambda: False)
+    monkeypatch.setattr(data.tfds_prepare, "tf_available", lambda: False)
     with pytest.raises(UsageError) as e:
         data.open_inputs([f"tfds:{NAME}/a:validation"], data_dir=str(copy))
     msg = str(e.value)
