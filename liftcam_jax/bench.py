@@ -52,30 +52,29 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
-import inspect
 import json
 import os
 import platform as _platform
 import statistics
 import time
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
 
-from . import methods as _methods
 from .errors import UsageError, positive_int
 from .explain import explainer
+from .methods import MethodSpec, parse_method_spec, spec_label
 from .model import Split
 
 __all__ = [
+    "BenchConfig",
     "MethodSpec",
     "Row",
     "Report",
     "bench",
     "compilation_cache",
     "device_info",
-    "load_report",
     "parse_method_spec",
     "program_memory",
 ]
@@ -240,60 +239,6 @@ def _process_peak_rss() -> Optional[int]:
 
 
 # ---------------------------------------------------------------------------
-# what to run
-# ---------------------------------------------------------------------------
-
-@dataclasses.dataclass(frozen=True)
-class MethodSpec:
-    """A method name and its options, written ``name`` or ``name:key=value:key=value``."""
-
-    name: str
-    options: Tuple[Tuple[str, Any], ...] = ()
-
-    @property
-    def label(self) -> str:
-        return ":".join([self.name] + [f"{k}={v}" for k, v in self.options])
-
-    @property
-    def kwargs(self) -> Dict[str, Any]:
-        return dict(self.options)
-
-
-def _literal(text: str):
-    import ast
-
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text
-
-
-def parse_method_spec(text: str) -> MethodSpec:
-    """``"score-cam:chunk_size=64"`` -> ``MethodSpec("score-cam", (("chunk_size", 64),))``.
-
-    The method must be registered and take every option as a keyword argument
-    (:class:`~liftcam_jax.errors.UsageError` otherwise, naming what is valid).
-    """
-    name, *parts = [p.strip() for p in str(text).split(":")]
-    method = _methods.get(name)  # UnknownMethodError lists the methods
-    params = inspect.signature(method.fn).parameters
-    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    valid = [n for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY and n != "key"]
-    options = []
-    for part in parts:
-        key, eq, value = part.partition("=")
-        key = key.strip()
-        if not eq or not key:
-            raise UsageError(f"bad method option {part!r} in {text!r}: write NAME:KEY=VALUE")
-        if not takes_any and key not in valid:
-            raise UsageError(
-                f"method {name!r} has no option {key!r}; valid options: {', '.join(valid) or 'none'}"
-            )
-        options.append((key, _literal(value.strip())))
-    return MethodSpec(name, tuple(options))
-
-
-# ---------------------------------------------------------------------------
 # measuring
 # ---------------------------------------------------------------------------
 
@@ -336,7 +281,7 @@ class Row:
 
     @property
     def label(self) -> str:
-        return MethodSpec(self.method, tuple(self.options.items())).label
+        return spec_label(self.method, tuple(self.options.items()))
 
 
 @dataclasses.dataclass
@@ -413,12 +358,6 @@ def _build_s(detail: Mapping[str, Any]) -> float:
     return float(detail.get("trace_s", 0.0) + detail.get("lower_s", 0.0) + detail.get("xla_compile_s", 0.0))
 
 
-def load_report(path) -> Report:
-    """A report saved with ``--out FILE.json``."""
-    with open(path) as f:
-        return Report.from_dict(json.load(f))
-
-
 def markdown(report: Report) -> str:
     """The report as a markdown header and table."""
     dev = report.device
@@ -475,23 +414,100 @@ def markdown(report: Report) -> str:
     return "\n".join(lines) + "\n"
 
 
-def bench(
-    split: Split,
-    params,
-    input_shape: Sequence[int],
-    methods: Sequence[Any] = ("lift-cam",),
-    batch_sizes: Sequence[int] = (1,),
-    *,
-    repeats: int = 5,
-    warmup: int = 1,
-    seed: int = 0,
-    cache: bool = False,
-    model: str = "model",
-    layer: Optional[str] = None,
-    weights: Optional[str] = None,
-    command: Optional[str] = None,
-    log: Optional[Callable[[str], None]] = None,
-) -> Report:
+@dataclasses.dataclass(frozen=True)
+class BenchConfig:
+    """How :func:`bench` measures, and what the report records.
+
+    repeats: timed calls per row (the median is reported); warmup: untimed
+    calls after the first (compiling) call; seed: of the random inputs; cache:
+    use the persistent compilation cache (default off: honest compile times);
+    model / layer / weights / command: recorded in the report; log: called
+    with one progress line per measurement (e.g. ``print`` to stderr).
+    """
+
+    repeats: int = 5
+    warmup: int = 1
+    seed: int = 0
+    cache: bool = False
+    model: str = "model"
+    layer: Optional[str] = None
+    weights: Optional[str] = None
+    command: Optional[str] = None
+    log: Optional[Callable[[str], None]] = None
+
+
+class _Measured(NamedTuple):
+    """One function measured: its first call, JAX's compile events for it, and the timed calls."""
+
+    first: float
+    detail: Dict[str, Any]
+    runs: List[float]  # wall seconds per timed call
+    cpu: List[float]  # process CPU seconds per timed call
+    partner_runs: List[float]  # the same for the interleaved partner (the forward pass), if any
+    partner_cpu: List[float]
+
+
+def _measure(fn, params, x, events: _CompileEvents, warmup: int, repeats: int, partner=None) -> _Measured:
+    """Time ``fn(params, x)``: the first (compiling) call, ``warmup`` untimed calls, then ``repeats`` timed
+    calls, each preceded by a timed call of ``partner`` when given (interleaved: both see the same load)."""
+    with events.record():
+        first, _ = _timed(fn, params, x)
+    detail = events.summary()
+    for _ in range(warmup):
+        _timed(fn, params, x)
+    m = _Measured(first, detail, [], [], [], [])
+    for _ in range(repeats):
+        if partner is not None:
+            t, c = _timed(partner, params, x)
+            m.partner_runs.append(t)
+            m.partner_cpu.append(c)
+        t, c = _timed(fn, params, x)
+        m.runs.append(t)
+        m.cpu.append(c)
+    return m
+
+
+def _forward_row(forward, params, x, events, cfg: BenchConfig) -> ForwardRow:
+    b = x.shape[0]
+    m = _measure(forward, params, x, events, max(cfg.warmup, 1), cfg.repeats)
+    med, cpu = statistics.median(m.runs), statistics.median(m.cpu)
+    return ForwardRow(b, m.first, max(m.first - med, 0.0), m.detail, med / b, cpu / b,
+                      program_memory(forward, params, x))
+
+
+def _method_row(spec: MethodSpec, split, params, x, forward, forward_row: ForwardRow, events,
+                cfg: BenchConfig) -> Row:
+    b = x.shape[0]
+    fn = explainer(split, spec.method, **spec.kwargs)
+    m = _measure(fn, params, x, events, cfg.warmup, cfg.repeats, partner=forward)
+    med, fmed = statistics.median(m.runs), statistics.median(m.partner_runs)
+    return Row(
+        method=spec.name,
+        options=spec.kwargs,
+        batch_size=b,
+        first_call_s=m.first,
+        compile_s=max(m.first - med, 0.0),
+        compile_detail=m.detail,
+        seconds_per_image=med / b,
+        images_per_s=b / med,
+        forward_seconds_per_image=fmed / b,
+        forward_images_per_s=b / fmed,
+        ratio=_median_ratio(m.runs, m.partner_runs),
+        cpu_seconds_per_image=statistics.median(m.cpu) / b,
+        forward_cpu_seconds_per_image=statistics.median(m.partner_cpu) / b,
+        cpu_ratio=_median_ratio(m.cpu, m.partner_cpu),
+        memory_bytes=program_memory(fn, params, x),
+        forward_memory_bytes=forward_row.memory_bytes,
+        device_peak_bytes=_device_peak_bytes(),
+        runs_s=m.runs,
+        forward_runs_s=m.partner_runs,
+        cpu_runs_s=m.cpu,
+        forward_cpu_runs_s=m.partner_cpu,
+    )
+
+
+def bench(split: Split, params, input_shape: Sequence[int], methods: Sequence[Any] = ("lift-cam",),
+          batch_sizes: Sequence[int] = (1,), config: Optional[BenchConfig] = None, **options) -> Report:
     """Measure each method at each batch size next to the jit-compiled forward pass.
 
     Args:
@@ -499,105 +515,42 @@ def bench(
       input_shape: ``(H, W, 3)`` of one image.
       methods: method names or ``"name:key=value"`` specs or :class:`MethodSpec`.
       batch_sizes: batch sizes to measure.
-      repeats: timed calls per row (the median is reported).
-      warmup: untimed calls after the first (compiling) call.
-      cache: use the persistent compilation cache (default off: honest compile times).
-      log: called with one progress line per measurement (e.g. ``print`` to stderr).
+      config: a :class:`BenchConfig`; ``options`` override its fields (``repeats=``, ``warmup=``,
+        ``seed=``, ``cache=``, ``model=``, ``layer=``, ``weights=``, ``command=``, ``log=``).
 
     Returns:
       a :class:`Report`.
     """
+    cfg = dataclasses.replace(config or BenchConfig(), **options)
     specs = [m if isinstance(m, MethodSpec) else parse_method_spec(m) for m in methods]
     if not specs:
         raise UsageError("no methods to benchmark")
     if not batch_sizes:
         raise UsageError("no batch sizes to benchmark")
     batch_sizes = [positive_int("batch size", b) for b in batch_sizes]
-    repeats = positive_int("repeats", repeats)
-    warmup = positive_int("warmup", warmup, minimum=0)
+    cfg = dataclasses.replace(cfg, repeats=positive_int("repeats", cfg.repeats),
+                              warmup=positive_int("warmup", cfg.warmup, minimum=0))
     input_shape = tuple(int(s) for s in input_shape)
-    log = log or (lambda s: None)
+    log = cfg.log or (lambda s: None)
     started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
     t_start = time.perf_counter()
-
     events = _CompileEvents()
     forward_rows: List[ForwardRow] = []
     rows: List[Row] = []
-    with compilation_cache(cache), events.listening():
-        cache_text = _cache_description(cache)
+    with compilation_cache(cfg.cache), events.listening():
+        cache_text = _cache_description(cfg.cache)
         forward = jax.jit(lambda p, x: split(p, x))
         for b in batch_sizes:
-            x = jax.random.normal(jax.random.PRNGKey(seed), (b,) + input_shape, jnp.float32)
-            x = jax.block_until_ready(x)
-            with events.record():
-                first, _ = _timed(forward, params, x)
-            detail = events.summary()
-            for _ in range(max(int(warmup), 1)):
-                _timed(forward, params, x)
-            steady = [_timed(forward, params, x) for _ in range(int(repeats))]
-            fwd_med = statistics.median([t for t, _ in steady])
-            fwd_cpu = statistics.median([c for _, c in steady])
-            fmem = program_memory(forward, params, x)
-            forward_rows.append(ForwardRow(b, first, max(first - fwd_med, 0.0), detail, fwd_med / b, fwd_cpu / b, fmem))
-            log(f"forward b={b}: first call {first:.2f} s, {fwd_med / b:.4g} s/image")
+            x = jax.block_until_ready(jax.random.normal(jax.random.PRNGKey(cfg.seed), (b,) + input_shape, jnp.float32))
+            frow = _forward_row(forward, params, x, events, cfg)
+            forward_rows.append(frow)
+            log(f"forward b={b}: first call {frow.first_call_s:.2f} s, {frow.seconds_per_image:.4g} s/image")
             for spec in specs:
-                fn = explainer(split, spec.name, **spec.kwargs)
-                with events.record():
-                    first, _ = _timed(fn, params, x)
-                detail = events.summary()
-                for _ in range(int(warmup)):
-                    _timed(fn, params, x)
-                fwd_runs, runs, fwd_cpu, cpu = [], [], [], []
-                for _ in range(int(repeats)):
-                    t, c = _timed(forward, params, x)
-                    fwd_runs.append(t)
-                    fwd_cpu.append(c)
-                    t, c = _timed(fn, params, x)
-                    runs.append(t)
-                    cpu.append(c)
-                med, fmed = statistics.median(runs), statistics.median(fwd_runs)
-                ratio = _median_ratio(runs, fwd_runs)
-                row = Row(
-                    method=spec.name,
-                    options=spec.kwargs,
-                    batch_size=b,
-                    first_call_s=first,
-                    compile_s=max(first - med, 0.0),
-                    compile_detail=detail,
-                    seconds_per_image=med / b,
-                    images_per_s=b / med,
-                    forward_seconds_per_image=fmed / b,
-                    forward_images_per_s=b / fmed,
-                    ratio=ratio,
-                    cpu_seconds_per_image=statistics.median(cpu) / b,
-                    forward_cpu_seconds_per_image=statistics.median(fwd_cpu) / b,
-                    cpu_ratio=_median_ratio(cpu, fwd_cpu),
-                    memory_bytes=program_memory(fn, params, x),
-                    forward_memory_bytes=fmem,
-                    device_peak_bytes=_device_peak_bytes(),
-                    runs_s=runs,
-                    forward_runs_s=fwd_runs,
-                    cpu_runs_s=cpu,
-                    forward_cpu_runs_s=fwd_cpu,
-                )
+                row = _method_row(spec, split, params, x, forward, frow, events, cfg)
                 rows.append(row)
-                log(
-                    f"{spec.label} b={b}: compile {row.compile_s:.2f} s, {row.seconds_per_image:.4g} s/image, "
-                    f"{ratio:.3f}x forward (CPU time: {row.cpu_ratio:.3f}x)"
-                )
-    return Report(
-        model=model,
-        layer=layer,
-        weights=weights,
-        input_shape=input_shape,
-        repeats=int(repeats),
-        warmup=int(warmup),
-        compilation_cache=cache_text,
-        device=device_info(),
-        forward=forward_rows,
-        rows=rows,
-        command=command,
-        started=started,
-        wall_s=time.perf_counter() - t_start,
-        process_peak_rss_bytes=_process_peak_rss(),
-    )
+                log(f"{spec.label} b={b}: compile {row.compile_s:.2f} s, {row.seconds_per_image:.4g} s/image, "
+                    f"{row.ratio:.3f}x forward (CPU time: {row.cpu_ratio:.3f}x)")
+    return Report(model=cfg.model, layer=cfg.layer, weights=cfg.weights, input_shape=input_shape,
+                  repeats=cfg.repeats, warmup=cfg.warmup, compilation_cache=cache_text, device=device_info(),
+                  forward=forward_rows, rows=rows, command=cfg.command, started=started,
+                  wall_s=time.perf_counter() - t_start, process_peak_rss_bytes=_process_peak_rss())

@@ -6,7 +6,10 @@ The CLI is generic over a *zoo*: any object (a module will do) with
 * ``load(name, weights=None, layer=None) -> liftcam_jax.Classifier``:
   ``weights`` is ``None`` (the model's pretrained default, or an error saying how
   to get one), ``"random"``, or a checkpoint path;
-* ``sample_images() -> list[pathlib.Path]``: photos for the demo.
+* ``sample_images() -> list[pathlib.Path]``: photos for the demo;
+* optionally ``DEFAULT_MODEL``: the model every command uses without
+  ``--model`` (otherwise ``efficientnet_lite0`` when the zoo has it, the bundled
+  pretrained model of the Flax zoo, else the zoo's only model).
 
 The library never imports a zoo by name: the ``liftcam-jax`` console script
 (:func:`console_main`) loads the one a package declares in the

@@ -2,17 +2,20 @@
 from __future__ import annotations
 
 import functools
+from typing import Union
 
 import jax
 import jax.numpy as jnp
 
 from . import methods as _methods
+from .methods import Method
 from .explanation import Explanation, check_targets, from_attribution, resolve_targets
 from .model import Split
 
 
-def explain(split: Split, params, x, targets=None, *, method: str = "lift-cam", key=None, **options) -> Explanation:
-    """Explain a batch of images with a registered method.
+def explain(split: Split, params, x, targets=None, *, method: Union[str, Method] = "lift-cam", key=None,
+            **options) -> Explanation:
+    """Explain a batch of images with a registered method (its name, or the :class:`~liftcam_jax.methods.Method`).
 
     Pure and jit-able (``split`` and ``method`` are static; close over them or
     use :func:`explainer`). ``x`` is a preprocessed ``(B, H, W, 3)`` batch;
@@ -28,7 +31,7 @@ def explain(split: Split, params, x, targets=None, *, method: str = "lift-cam", 
         exp = explain(model.split, model.params, x)              # LIFT-CAM
         exp = explain(model.split, model.params, x, 285, method="grad-cam")
     """
-    m = _methods.get(method)
+    m = _methods.resolve(method)
     activations = split.features(params, x)
     logits = split.head(params, activations)
     targets = resolve_targets(targets, logits)
@@ -40,7 +43,7 @@ def explain(split: Split, params, x, targets=None, *, method: str = "lift-cam", 
     return from_attribution(activations, att, x.shape[1:3], logits, targets)
 
 
-def explainer(split: Split, method: str = "lift-cam", **options):
+def explainer(split: Split, method: Union[str, Method] = "lift-cam", **options):
     """A ``jax.jit``-compiled ``fn(params, x, targets=None, key=None) -> Explanation``.
 
     Parameters are arguments of the compiled program, never constants in it.
@@ -51,7 +54,7 @@ def explainer(split: Split, method: str = "lift-cam", **options):
     ``jit`` cannot be checked; out of range they give NaN maps
     (:func:`explain`). ``fn.lower`` is the compiled function's.
     """
-    _methods.get(method)  # fail early on a bad name
+    method = _methods.resolve(method)  # a bad name fails here, once
 
     @jax.jit
     def compiled(params, x, targets=None, key=None):

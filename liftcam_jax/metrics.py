@@ -73,7 +73,6 @@ interval.
 from __future__ import annotations
 
 import functools
-import math
 from typing import Any, Callable, NamedTuple, Optional
 
 import jax
@@ -82,6 +81,7 @@ import numpy as np
 
 from .errors import positive_int
 from .image import gaussian_blur
+from .results import Summary, mean_ci  # noqa: F401  (Aggregation: with the results, no JAX)
 
 Array = Any
 
@@ -398,37 +398,3 @@ def topk_overlap(a: Array, b: Array, k: int = 10, absolute: bool = False) -> Arr
     in_a = jnp.sum(jax.nn.one_hot(ia, n, dtype=jnp.float32), axis=-2)
     in_b = jnp.sum(jax.nn.one_hot(ib, n, dtype=jnp.float32), axis=-2)
     return jnp.sum(in_a * in_b, axis=-1) / k
-
-
-# ---------------------------------------------------------------------------
-# Aggregation
-# ---------------------------------------------------------------------------
-
-class Summary(NamedTuple):
-    """Mean of the finite values, its ``confidence`` interval ``[low, high]``, and the count ``n``."""
-
-    mean: float
-    low: float
-    high: float
-    n: int
-
-
-def mean_ci(values, confidence: float = 0.95) -> Summary:
-    """Mean and Student-t confidence interval ``mean +- t_{(1+c)/2, n-1} s / sqrt(n)``.
-
-    NaNs (undefined per-image values, e.g. no box in view) are left out and
-    ``n`` counts the rest. With one value the interval is that value; with none,
-    all NaN.
-    """
-    v = np.asarray(values, np.float64).ravel()
-    v = v[np.isfinite(v)]
-    n = int(v.size)
-    if n == 0:
-        return Summary(math.nan, math.nan, math.nan, 0)
-    m = float(v.mean())
-    if n == 1:
-        return Summary(m, m, m, 1)
-    from scipy.stats import t
-
-    half = float(t.ppf(0.5 + confidence / 2.0, n - 1) * v.std(ddof=1) / math.sqrt(n))
-    return Summary(m, m - half, m + half, n)

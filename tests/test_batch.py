@@ -250,13 +250,15 @@ def test_one_image_runs_at_its_own_size(clf, tmp_path, monkeypatch):
     """One photo with the default batch size: the compiled step sees one row, not 32."""
     _photos(tmp_path / "in", 1)
     shapes = []
-    real = batch._step_fn
+    from liftcam_jax.runs import explain as runs_explain
+
+    real = runs_explain.compiled_step
 
     def spy(*a, **k):
         step, data, repl = real(*a, **k)
         return (lambda p, x, t, key: (shapes.append(x.shape[0]), step(p, x, t, key))[1]), data, repl
 
-    monkeypatch.setattr(batch, "_step_fn", spy)
+    monkeypatch.setattr(runs_explain, "compiled_step", spy)
     s = batch.run(clf, [str(tmp_path / "in")], out_dir=tmp_path / "out", quiet=True)
     assert s.done == 1 and shapes == [1]
 

@@ -123,6 +123,38 @@ def test_usage_errors_exit_2_with_one_line_and_no_work(tmp_path, capsys, argv, m
     assert not (tmp_path / "out" / "manifest.jsonl").exists()
 
 
+def test_model_and_out_default_to_the_zoos_model_and_a_folder_named_in_the_summary(tmp_path, capsys, monkeypatch):
+    d = _photos(tmp_path / "in", 2)
+    monkeypatch.chdir(tmp_path)
+    assert cli(d) == 0
+    err = capsys.readouterr().err
+    out = tmp_path / "liftcam-out" / "in"
+    assert {r["status"] for r in _lines(out / "manifest.jsonl")} == {"done"}
+    assert json.loads((out / "run.json").read_text())["model"] == "tiny"
+    assert f"model: tiny; output: {os.path.join('liftcam-out', 'in')};" in err
+
+
+def test_the_default_model_is_the_zoos_then_the_bundled_one():
+    import types
+
+    import models
+    from liftcam_jax.commands import _args
+    from liftcam_jax.errors import UsageError
+
+    assert _args.model_name(models) == _args.BUNDLED_MODEL == "efficientnet_lite0"  # pretrained, offline
+    assert _args.model_name(fake_zoo) == "tiny"  # a zoo's only model
+    two = types.SimpleNamespace(names=lambda: ["a", "b"])
+    with pytest.raises(UsageError, match="give --model; valid models: a, b"):
+        _args.model_name(two)
+    two.DEFAULT_MODEL = "b"
+    assert _args.model_name(two) == "b" and _args.model_name(two, "a") == "a"
+    with pytest.raises(UsageError, match="unknown model 'c'"):
+        _args.model_name(two, "c")
+    assert _args.default_out("photos/cat.jpg") == os.path.join("liftcam-out", "cat")
+    assert _args.default_out("tfds:imagenette:validation[:500]", "-evaluate") == os.path.join(
+        "liftcam-out", "imagenette-validation-500-evaluate")
+
+
 def test_usage_errors_for_inputs_and_output(tmp_path, capsys):
     d = _photos(tmp_path / "in", 1)
     (tmp_path / "f").write_text("x")

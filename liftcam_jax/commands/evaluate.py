@@ -27,18 +27,21 @@ curves.png (mean deletion and insertion curves; needs matplotlib), grid.png
 (overlays of the first images), and evaluate.jsonl, the crash-safe log of
 finished image x method pairs: rerunning the same command skips them.
 The same in Python: liftcam_jax.evaluation.evaluate(classifier, data, ...).
+Without --model the zoo's default model is evaluated (the bundled, pretrained
+EfficientNet-Lite0 for the Flax zoo); without --out the results go to
+liftcam-out/<data name>-evaluate. Box metrics (epg, pointing) named in
+--metrics on data without boxes are a usage error.
 Exit status: 0 when every image was evaluated, 1 when some failed, 2 for a
 usage error.
 """
 from __future__ import annotations
 
-from .. import evaluation as E
 from .. import methods as _methods
 from .. import metrics as M
 from ..errors import UsageError
-from ._args import add_distributed_arguments, add_model_arguments, add_tfds_arguments, join_cluster, positive_int
-
-LOG = E.LOG
+from ..runs import evaluate as E
+from ._args import (add_distributed_arguments, add_model_arguments, add_tfds_arguments, data_options, default_out,
+                    join_cluster, load_model, positive_int)
 
 
 def add_arguments(parser):
@@ -49,7 +52,8 @@ def add_arguments(parser):
                         help="comma-separated methods, or 'all' (default): " + ", ".join(_methods.names()))
     parser.add_argument("--metrics", default="all",
                         help="comma-separated metrics, or 'all' (default): " + ", ".join(E.METRICS))
-    parser.add_argument("--out", required=True, help="output folder (created; reused to resume)")
+    parser.add_argument("--out", default=None,
+                        help="output folder (created; reused to resume; default liftcam-out/<data name>-evaluate)")
     parser.add_argument("--limit", type=positive_int, default=None, help="evaluate only the first N labelled images")
     parser.add_argument("--batch-size", type=positive_int, default=8, help="images per step (default 8)")
     parser.add_argument("--target", choices=("label", "predicted"), default="label",
@@ -80,7 +84,6 @@ def add_arguments(parser):
     g.add_argument("--topk", type=positive_int, default=10, help="k of the SHAP top-k overlap (default 10)")
     g = parser.add_argument_group("outputs")
     g.add_argument("--grid", type=int, default=4, help="images in the qualitative grid (0: none; default 4)")
-    g.add_argument("--data-dir", default=None, help="TFDS data dir (default: TFDS's)")
     add_tfds_arguments(g)
     g.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
     add_distributed_arguments(parser)
@@ -90,28 +93,26 @@ def run(args, zoo) -> int:
     import sys
 
     metrics = E.parse_metrics(args.metrics)
-    _methods.parse_names(args.methods)  # a bad method name fails before the model loads
-    redo = [r.strip() for r in str(args.redo or "").split(",") if r.strip()]
+    methods = _methods.parse_names(args.methods)  # a bad method name fails before the model loads
     if args.step is not None and args.num_steps is not None:
         raise UsageError("give --step or --num-steps, not both")
+    out = args.out or default_out(args.data, "-evaluate")
     config = E.EvalConfig(target=args.target, seed=args.seed, step=args.step, num_steps=args.num_steps,
                           substrate=args.substrate, blur_sigma=args.blur_sigma, tie_break=args.tie_break,
                           tolerance=args.tolerance, shap_method=args.shap_method, shap_samples=args.shap_samples,
                           topk=args.topk, batch_size=args.batch_size, step_chunk=args.step_chunk,
-                          shap_chunk=args.shap_chunk)
+                          shap_chunk=args.shap_chunk, limit=args.limit,
+                          redo=tuple(r.strip() for r in str(args.redo or "").split(",") if r.strip()),
+                          grid=args.grid, quiet=args.quiet, run_info={"weights": args.weights or "default"},
+                          data=data_options(args))
     config.check(metrics)  # before the model loads
     join_cluster(args)  # several hosts: each evaluates its share, process 0 writes the results
-    names = list(zoo.names())
-    if args.model not in names:
-        raise UsageError(f"unknown model {args.model!r}; valid models: {', '.join(names)}")
-    classifier = zoo.load(args.model, weights=args.weights, layer=args.layer)
-    res = E.evaluate(classifier, args.data, args.methods, metrics, out_dir=args.out, config=config, limit=args.limit,
-                     redo=redo, data_dir=args.data_dir, image_key=args.image_key, label_key=args.label_key,
-                     label_map=args.label_map, run_info={"weights": args.weights or "default"}, grid=args.grid,
-                     quiet=args.quiet)
+    classifier = load_model(zoo, args)
+    res = E.evaluate(classifier, args.data, methods, args.metrics, out_dir=out, config=config)
     s = res.summary
     if not args.quiet:
         print(f"liftcam-jax: evaluate: {s['done']} images evaluated, {s['skipped']} skipped (already done), "
-              f"{s['failed']} failed of {res.images} in {s['seconds']:.1f} s; results: {args.out}/results.md "
-              f"({len(res.methods)} methods)" + "".join(f"; {n}" for n in res.notes), file=sys.stderr)
+              f"{s['failed']} failed of {res.images} in {s['seconds']:.1f} s; model: {classifier.name}; "
+              f"results: {out}/results.md ({len(res.methods)} methods)" + "".join(f"; {n}" for n in res.notes),
+              file=sys.stderr)
     return 1 if s["failed"] else 0

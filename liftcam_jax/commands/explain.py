@@ -16,14 +16,18 @@ The batch is split over all local devices (rounded up to a multiple of their
 number). Exit status: 0 when every input was explained, 1 when some failed
 (see the manifest), 2 for a usage error (nothing done) or a fatal error such
 as a full disk (rerun the same command to resume).
+
+Without --model the zoo's default model explains (the bundled, pretrained
+EfficientNet-Lite0 for the Flax zoo); without --out the results go to
+liftcam-out/<name of the first input>. The summary names both.
 """
 from __future__ import annotations
 
 import argparse
 
 from .. import methods as _methods
-from ..errors import UsageError
-from ._args import add_distributed_arguments, add_model_arguments, add_tfds_arguments, join_cluster, positive_int
+from ._args import (add_distributed_arguments, add_model_arguments, add_tfds_arguments, data_options, default_out,
+                    join_cluster, load_model, positive_int)
 
 
 def _target(text: str):
@@ -49,9 +53,9 @@ def add_arguments(parser):
                         help="images per step, rounded up to a multiple of the device count (default 32)")
     parser.add_argument("--save", choices=("overlay", "raw", "both"), default="both",
                         help="PNG overlays, .npz arrays, or both (default both)")
-    parser.add_argument("--out", required=True, help="output folder (created; reused to resume)")
+    parser.add_argument("--out", default=None,
+                        help="output folder (created; reused to resume; default liftcam-out/<first input's name>)")
     parser.add_argument("--limit", type=positive_int, default=None, help="explain only the first N inputs")
-    parser.add_argument("--data-dir", default=None, help="TFDS data dir (default: TFDS's)")
     parser.add_argument("--download", action="store_true", help="let TFDS download and prepare a missing dataset")
     add_tfds_arguments(parser)
     parser.add_argument("--workers", type=positive_int, default=None, help="image decoding threads (default up to 4)")
@@ -63,19 +67,16 @@ def add_arguments(parser):
 
 
 def run(args, zoo) -> int:
-    from .. import batch
+    from ..runs.explain import run as explain_run
 
-    _methods.get(args.method)  # a bad name fails before the model loads
+    method = _methods.get(args.method)  # a bad name fails before the model loads; resolved once
     join_cluster(args)  # several hosts: before JAX starts its backend
-    names = list(zoo.names())
-    if args.model not in names:
-        raise UsageError(f"unknown model {args.model!r}; valid models: {', '.join(names)}")
-    classifier = zoo.load(args.model, weights=args.weights, layer=args.layer)
-    summary = batch.run(
+    classifier = load_model(zoo, args)
+    summary = explain_run(
         classifier,
         args.inputs,
-        out_dir=args.out,
-        method=args.method,
+        out_dir=args.out or default_out(args.inputs[0]),
+        method=method,
         target=args.target,
         batch_size=args.batch_size,
         save=args.save,
@@ -85,11 +86,7 @@ def run(args, zoo) -> int:
         alpha=args.alpha,
         cmap=args.cmap,
         seed=args.seed,
-        data_dir=args.data_dir,
-        download=args.download,
-        image_key=args.image_key,
-        label_key=args.label_key,
-        label_map=args.label_map,
+        data=data_options(args),
         run_info={"weights": args.weights or "default"},
     )
     return 1 if summary.failed else 0

@@ -15,7 +15,7 @@ def add_arguments(parser):
 
 
 def run(args, zoo) -> int:
-    from ..batch import status
+    from ..runs.folder import status
 
     st = status(args.out)
     print(f"{args.out}: {st['command']} run, logs: {', '.join(st['logs']) or 'none'}")

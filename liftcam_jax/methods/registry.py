@@ -12,8 +12,10 @@ whatever it wants to report; the map is assembled by
 """
 from __future__ import annotations
 
+import ast
 import dataclasses
-from typing import Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence
+import inspect
+from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 from ..errors import UsageError
 
@@ -24,6 +26,11 @@ class UnknownMethodError(UsageError):
 
 @dataclasses.dataclass(frozen=True)
 class Method:
+    """A registered method: its CLI ``name``, its function, whether it takes a PRNG ``key``, a one-line summary.
+
+    A name is looked up once (:func:`get`, :func:`resolve`) and the object passed on.
+    """
+
     name: str
     fn: Callable
     needs_key: bool = False
@@ -55,6 +62,11 @@ def get(name: str) -> Method:
         ) from None
 
 
+def resolve(method: Union[str, Method]) -> Method:
+    """A :class:`Method` as it is, or the registered method of a name (:func:`get`)."""
+    return method if isinstance(method, Method) else get(method)
+
+
 def names() -> tuple:
     return tuple(_REGISTRY)
 
@@ -76,7 +88,7 @@ def parse_names(text: str, *, allow_options: bool = False,
     ones); repeats are dropped, the order is kept. ``all`` is every registered
     method; ``groups`` adds other such words (e.g. ``{"default": [...]}``). With
     ``allow_options`` an item may carry options, ``NAME:KEY=VALUE[:KEY=VALUE]``,
-    kept as written for :func:`liftcam_jax.bench.parse_method_spec`; without, an
+    kept as written for :func:`parse_method_spec`; without, an
     option is a :class:`~liftcam_jax.errors.UsageError`.
     """
     groups = {"all": names(), **(groups or {})}
@@ -94,3 +106,62 @@ def parse_names(text: str, *, allow_options: bool = False,
             raise UsageError(f"method options are not taken here: {item!r}; give method names only")
         get(name.strip())  # UnknownMethodError lists the valid ones
     return MethodList(list(dict.fromkeys(items)), True)
+
+
+def spec_label(name: str, options: Sequence[Tuple[str, Any]] = ()) -> str:
+    """``name`` or ``name:key=value:key=value``: how a method with options is written."""
+    return ":".join([name] + [f"{k}={v}" for k, v in options])
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodSpec:
+    """A method and its options, written ``name`` or ``name:key=value:key=value``; ``method`` is the
+    registered :class:`Method` (resolved from ``name`` when not given)."""
+
+    name: str
+    options: Tuple[Tuple[str, Any], ...] = ()
+    method: Optional[Method] = dataclasses.field(default=None, compare=False, repr=False)
+
+    def __post_init__(self):
+        if self.method is None:
+            object.__setattr__(self, "method", get(self.name))
+
+    @property
+    def label(self) -> str:
+        return spec_label(self.name, self.options)
+
+    @property
+    def kwargs(self) -> Dict[str, Any]:
+        return dict(self.options)
+
+
+def _literal(text: str):
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def parse_method_spec(text: str) -> MethodSpec:
+    """``"score-cam:chunk_size=64"`` -> ``MethodSpec("score-cam", (("chunk_size", 64),))``.
+
+    The method must be registered and take every option as a keyword argument
+    (:class:`~liftcam_jax.errors.UsageError` otherwise, naming what is valid).
+    """
+    name, *parts = [p.strip() for p in str(text).split(":")]
+    method = get(name)  # UnknownMethodError lists the methods
+    params = inspect.signature(method.fn).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    valid = [n for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY and n != "key"]
+    options = []
+    for part in parts:
+        key, eq, value = part.partition("=")
+        key = key.strip()
+        if not eq or not key:
+            raise UsageError(f"bad method option {part!r} in {text!r}: write NAME:KEY=VALUE")
+        if not takes_any and key not in valid:
+            raise UsageError(
+                f"method {name!r} has no option {key!r}; valid options: {', '.join(valid) or 'none'}"
+            )
+        options.append((key, _literal(value.strip())))
+    return MethodSpec(name, tuple(options), method)
