@@ -68,7 +68,7 @@ def colorize(map01, cmap: str = "jet") -> np.ndarray:
     is exact in any binary float, so float32 maps are indexed in float32
     (no float64 copy) with the same result.
     """
-    return _lut(cmap)[_levels(map01)]
+    return np.take(_lut(cmap), _levels(map01), axis=0)
 
 
 def _levels(map01) -> np.ndarray:
@@ -153,7 +153,7 @@ def overlay(image_uint8, map01, alpha: float = 0.5, cmap: str = "jet") -> np.nda
     index = colorize(m, cmap).astype(np.uint16)
     index <<= 8
     index |= img
-    return _blend_table(alpha)[index]
+    return np.take(_blend_table(alpha), index)
 
 
 def _font(size: int):

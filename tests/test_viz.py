@@ -153,3 +153,60 @@ def test_encoded_png_decodes_to_the_same_pixels(tmp_path, shape, level):
     np.testing.assert_array_equal(back, img[..., 0] if img.ndim == 3 and img.shape[-1] == 1 else img)
     with pytest.raises(ValueError):
         files.encode_png(np.zeros((0, 3, 3), np.uint8))
+
+
+def test_ordered_writes_commit_in_order_after_their_files_and_stop_at_a_failure(tmp_path):
+    import threading
+    import time
+
+    from liftcam_jax import files
+
+    committed, written = [], set()
+    lock = threading.Lock()
+
+    def write(i, delay):
+        time.sleep(delay)
+        files.write_bytes(tmp_path / f"{i}.bin", b"x")
+        with lock:
+            written.add(i)
+
+    def commit(i):
+        assert i in written and (tmp_path / f"{i}.bin").exists()  # a line only after its file exists
+        committed.append(i)
+
+    with files.OrderedWrites(workers=3, pending=2) as w:
+        for i, delay in enumerate([0.05, 0.0, 0.03, 0.0, 0.01]):  # later items finish first
+            w.submit(lambda i=i, d=delay: write(i, d), lambda i=i: commit(i))
+    assert committed == [0, 1, 2, 3, 4]
+
+    committed.clear()
+
+    def boom():
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        with files.OrderedWrites(workers=2) as w:
+            w.submit(lambda: write(10, 0.0), lambda: commit(10))
+            w.submit(boom, lambda: commit(11))
+            w.submit(lambda: write(12, 0.0), lambda: commit(12))
+    assert committed == [10]  # nothing after the failure is committed
+    with pytest.raises(RuntimeError, match="stop"):
+        with files.OrderedWrites(workers=1) as w:
+            w.submit(lambda: write(20, 0.02), lambda: commit(20))
+            raise RuntimeError("stop")
+    assert committed == [10]  # no line for the write in flight when the block failed
+    n = len(written)
+    time.sleep(0.05)
+    assert len(written) == n and not list(tmp_path.glob(".*.tmp"))  # nothing left running, no temp files
+
+
+@pytest.mark.parametrize("shape", [(224, 224, 3), (5, 7, 3), (2, 5, 7, 3), (3,), (4, 1)])
+def test_fast_normalize_gives_the_bits_of_the_broadcast_formula(shape):
+    from liftcam_jax.image import normalize
+
+    img = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
+    mean, std = (0.485, 0.456, 0.406)[: shape[-1]], (0.229, 0.224, 0.225)[: shape[-1]]
+    want = (np.asarray(img, np.float32) / 255.0 - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    got = normalize(img, mean, std)
+    assert got.dtype == np.float32 and got.shape == want.shape
+    np.testing.assert_array_equal(got, want)
