@@ -14,21 +14,35 @@ The manifest (:class:`Manifest`) is one JSON object per line, appended and
 ``fsync``-ed *after* the files it names exist. Reading it tolerates a torn last
 line (a crash in the middle of an append): unparsable lines are ignored, and
 the writer cuts a torn tail off before appending again.
+
+Writing is cheap on purpose (a dataset run writes one or two files per image
+beside a compiled step that already uses every core): ``.npz`` files are
+stored, not deflated (float maps barely compress), and PNGs are encoded here
+with the "Up" filter and zlib level 1 (about 2.5x faster than Pillow's
+default, files about 10% larger). :class:`OrderedWrites` writes on a few
+threads (zlib and the file system release the GIL) and still appends each
+manifest line only after its files exist, in order.
 """
 from __future__ import annotations
 
+import collections
+import concurrent.futures as futures
 import contextlib
 import io
 import json
 import os
+import struct
 import tempfile
-from typing import Dict, Iterable, Iterator, List, Optional
+import zlib
+from typing import Callable, Dict, Iterable, Iterator, List, Optional
 
 import numpy as np
 
 __all__ = [
     "Manifest",
+    "OrderedWrites",
     "atomic_write",
+    "encode_png",
     "cache_root",
     "read_jsonl",
     "write_bytes",
@@ -118,28 +132,104 @@ def write_json(path, obj, **kwargs) -> None:
     write_bytes(path, (json.dumps(obj, **kwargs) + "\n").encode("utf-8"))
 
 
-def write_npz(path, compress: bool = True, **arrays) -> None:
-    """Atomically write arrays to an ``.npz`` (``None`` values are left out)."""
+def write_npz(path, compress: bool = False, **arrays) -> None:
+    """Atomically write arrays to an ``.npz`` (``None`` values are left out).
+
+    Stored (``np.savez``) by default: deflating float32 maps costs ~4x the
+    rest of the write and saves a few percent; ``compress=True`` deflates.
+    """
     buf = io.BytesIO()
     arrays = {k: np.asarray(v) for k, v in arrays.items() if v is not None}
     (np.savez_compressed if compress else np.savez)(buf, **arrays)
     write_bytes(path, buf.getvalue())
 
 
-def write_png(path, image) -> None:
-    """Atomically write a uint8 ``(H, W)``, ``(H, W, 3)`` or ``(H, W, 4)`` image as PNG."""
-    from PIL import Image
+_PNG_COLOR_TYPE = {1: 0, 3: 2, 4: 6}  # channels -> PNG colour type (gray, RGB, RGBA)
 
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def encode_png(image, level: int = 1) -> bytes:
+    """A uint8 ``(H, W)``, ``(H, W, 1)``, ``(H, W, 3)`` or ``(H, W, 4)`` image -> PNG file bytes (lossless).
+
+    8 bits per channel, no interlacing; every scanline uses PNG filter 2
+    ("Up": each byte minus the byte above it, mod 256; PNG spec section 9.2),
+    which suits photographs and smooth heat maps, and the filtered rows are
+    deflated with zlib at ``level`` (0-9; 1 is fast, 9 small). Decodes to
+    exactly ``image`` in any PNG reader.
+    """
     a = np.asarray(image)
     if a.dtype != np.uint8:
         raise ValueError(f"write_png needs a uint8 image, got {a.dtype}")
-    if not (a.ndim == 2 or (a.ndim == 3 and a.shape[-1] in (1, 3, 4))):
-        raise ValueError(f"write_png needs (H, W), (H, W, 3) or (H, W, 4), got shape {a.shape}")
-    if a.ndim == 3 and a.shape[-1] == 1:
-        a = a[..., 0]
-    buf = io.BytesIO()
-    Image.fromarray(a).save(buf, format="PNG")
-    write_bytes(path, buf.getvalue())
+    if a.ndim == 2:
+        a = a[..., None]
+    if a.ndim != 3 or a.shape[-1] not in _PNG_COLOR_TYPE or a.shape[0] < 1 or a.shape[1] < 1:
+        raise ValueError(f"write_png needs a non-empty (H, W), (H, W, 3) or (H, W, 4) image, got shape {a.shape}")
+    h, w, c = a.shape
+    rows = np.empty((h, 1 + w * c), np.uint8)
+    rows[:, 0] = 2  # filter type "Up"; the row above the first one is zeros
+    flat = a.reshape(h, w * c)
+    rows[0, 1:] = flat[0]
+    np.subtract(flat[1:], flat[:-1], out=rows[1:, 1:])  # uint8 arithmetic wraps mod 256, as PNG wants
+    header = struct.pack(">IIBBBBB", w, h, 8, _PNG_COLOR_TYPE[c], 0, 0, 0)
+    return b"".join((b"\x89PNG\r\n\x1a\n", _png_chunk(b"IHDR", header),
+                     _png_chunk(b"IDAT", zlib.compress(rows.tobytes(), level)), _png_chunk(b"IEND", b"")))
+
+
+def write_png(path, image, level: int = 1) -> None:
+    """Atomically write a uint8 ``(H, W)``, ``(H, W, 3)`` or ``(H, W, 4)`` image as PNG (:func:`encode_png`)."""
+    write_bytes(path, encode_png(image, level))
+
+
+class OrderedWrites:
+    """Write files on a few threads; run each item's ``commit`` in submission order, after its files exist.
+
+    ``submit(write, commit)`` starts ``write()`` on a worker thread; ``commit()``
+    (e.g. appending the item's manifest line) runs on the calling thread, in
+    the order items were submitted, once that item's ``write`` has returned:
+    so a manifest line still always means "its files exist", and a crash
+    leaves at most some written but uncommitted files (redone on resume).
+    At most ``pending`` items are in flight; ``flush()`` commits them all. As
+    a context manager, leaving the block flushes; leaving it by an exception
+    commits nothing more and waits for the started writes. The first failed
+    ``write`` raises its exception from ``submit``/``flush``, and nothing after
+    it is committed.
+    """
+
+    def __init__(self, workers: int = 2, pending: int = 64):
+        self._pool = futures.ThreadPoolExecutor(max(1, int(workers)), thread_name_prefix="liftcam-write")
+        self._queue: "collections.deque" = collections.deque()
+        self.pending = max(1, int(pending))
+
+    def submit(self, write: Callable[[], None], commit: Callable[[], None]) -> None:
+        self._queue.append((self._pool.submit(write), commit))
+        while len(self._queue) > self.pending:
+            self._commit_one()
+
+    def _commit_one(self) -> None:
+        fut, commit = self._queue.popleft()
+        fut.result()
+        commit()
+
+    def flush(self) -> None:
+        while self._queue:
+            self._commit_one()
+
+    def close(self, commit: bool = True) -> None:
+        try:
+            if commit:
+                self.flush()
+        finally:
+            self._queue.clear()
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *exc):
+        self.close(commit=exc_type is None)
 
 
 def check_writable(folder) -> None:

@@ -1,10 +1,31 @@
-"""Array-level image operations shared across the library (jit-able, batched NHWC)."""
+"""Array-level image operations shared across the library (jit-able, batched NHWC; :func:`normalize` numpy)."""
 from __future__ import annotations
 
 import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+
+def normalize(image, mean, std) -> np.ndarray:
+    """uint8 ``(..., C)`` pixels -> float32 ``(v / 255 - mean) / std`` per channel (numpy, on the host).
+
+    The same float32 operations in the same order as the textbook broadcast
+    (so the same bits), but over rows of ``W * C`` values instead of ``C``:
+    numpy's broadcast over a last axis of 3 runs ~10x slower than over a
+    contiguous row, and this runs once per image of a dataset.
+    """
+    x = np.asarray(image, dtype=np.float32) / 255.0
+    mean = np.asarray(mean, np.float32)
+    std = np.asarray(std, np.float32)
+    if x.ndim < 2 or mean.shape != (x.shape[-1],) or std.shape != (x.shape[-1],):
+        return (x - mean) / std
+    w = x.shape[-2]
+    rows = x.reshape(*x.shape[:-2], -1)
+    rows -= np.tile(mean, w)
+    rows /= np.tile(std, w)
+    return rows.reshape(x.shape)
 
 
 def gaussian_kernel1d(sigma: float, truncate: float = 3.0) -> jnp.ndarray:

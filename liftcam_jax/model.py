@@ -77,8 +77,9 @@ class Preprocess:
 
     def normalize(self, image: np.ndarray) -> np.ndarray:
         """uint8 (..., 3) -> float32 normalised model input."""
-        x = np.asarray(image, dtype=np.float32) / 255.0
-        return (x - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
+        from .image import normalize
+
+        return normalize(image, self.mean, self.std)
 
     def __call__(self, image: np.ndarray) -> np.ndarray:
         """uint8 RGB (H, W, 3) of any size -> float32 (size, size, 3) model input."""

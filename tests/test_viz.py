@@ -85,3 +85,128 @@ def test_write_png_roundtrip(tmp_path):
     assert [f.name for f in p.parent.iterdir()] == ["x.png"]  # no temp file left behind
     with pytest.raises(ValueError):
         viz.write_png(tmp_path / "y.png", img.astype(np.float32))
+
+
+# the float formulas the lookup tables replaced (kept here as the reference)
+def _old_colorize(map01, cmap):
+    m = np.nan_to_num(np.asarray(map01, np.float64), nan=0.0, posinf=1.0, neginf=0.0)
+    m = np.clip(m, 0.0, 1.0)
+    idx = np.minimum((m * 256).astype(np.int64), 255)
+    t = np.linspace(0.0, 1.0, 256)
+    chans = []
+    for c in ("red", "green", "blue"):
+        xs, ys = zip(*viz._SEGMENTS[cmap][c])
+        chans.append(np.clip(np.interp(t, xs, ys), 0.0, 1.0))
+    return (np.stack(chans, -1) * 255).astype(np.uint8)[idx], np.stack(chans, -1)[idx]
+
+
+def _old_overlay(image, map01, alpha, cmap="jet"):
+    heat = _old_colorize(map01, cmap)[0].astype(np.float64)
+    out = (1.0 - alpha) * image.astype(np.float64) + alpha * heat
+    return np.clip(np.round(out), 0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("name", viz.CMAPS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+def test_lookup_colormap_equals_the_float_colormap(name, dtype):
+    # every one of the 256 levels (their centres and both edges), out-of-range values, NaN and infinities
+    levels = np.arange(256) / 256.0
+    x = np.concatenate([levels, levels + 0.5 / 256, np.nextafter(levels + 1 / 256, 0), [1.0, -2.0, 3.0, np.nan,
+                                                                                         np.inf, -np.inf]])
+    x = x.astype(dtype)
+    old_bytes, old_float = _old_colorize(x, name)
+    new = viz.colorize(x, name)
+    np.testing.assert_array_equal(new, old_bytes)
+    assert np.abs(new / 255.0 - old_float).max() <= 1 / 255  # within one level of the continuous map
+    assert viz.colorize(np.float32(0.5), name).shape == (3,)
+    ints = np.array([[0, 1, 2]], np.uint8)  # non-float maps go through float64
+    np.testing.assert_array_equal(viz.colorize(ints, name), _old_colorize(ints, name)[0])
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.3, 0.5, 0.55, 1.0])
+def test_lookup_overlay_equals_the_float_blend(alpha):
+    rng = np.random.default_rng(3)
+    img = rng.integers(0, 256, (31, 17, 3), dtype=np.uint8)
+    m = rng.random((31, 17)).astype(np.float32)
+    m[0, :4] = [np.nan, -1, 2, 1]
+    np.testing.assert_array_equal(viz.overlay(img, m, alpha=alpha), _old_overlay(img, m, alpha))
+    # all 256 x 256 (image byte, heat level) pairs
+    v, lv = np.meshgrid(np.arange(256), np.arange(256), indexing="ij")
+    img = np.repeat(v.astype(np.uint8)[..., None], 3, -1)
+    m = ((lv + 0.5) / 256).astype(np.float32)
+    np.testing.assert_array_equal(viz.overlay(img, m, alpha=alpha, cmap="hot"), _old_overlay(img, m, alpha, "hot"))
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (7, 5), (7, 5, 1), (6, 9, 3), (4, 3, 4)])
+@pytest.mark.parametrize("level", [0, 1, 9])
+def test_encoded_png_decodes_to_the_same_pixels(tmp_path, shape, level):
+    from liftcam_jax import files
+
+    img = np.random.default_rng(sum(shape)).integers(0, 256, shape, dtype=np.uint8)
+    img[0] = 255  # wrap-around of the "Up" filter: 0 - 255 mod 256
+    data = files.encode_png(img, level)
+    p = tmp_path / "x.png"
+    p.write_bytes(data)
+    with Image.open(p) as im:
+        im.load()
+        back = np.asarray(im)
+    np.testing.assert_array_equal(back, img[..., 0] if img.ndim == 3 and img.shape[-1] == 1 else img)
+    with pytest.raises(ValueError):
+        files.encode_png(np.zeros((0, 3, 3), np.uint8))
+
+
+def test_ordered_writes_commit_in_order_after_their_files_and_stop_at_a_failure(tmp_path):
+    import threading
+    import time
+
+    from liftcam_jax import files
+
+    committed, written = [], set()
+    lock = threading.Lock()
+
+    def write(i, delay):
+        time.sleep(delay)
+        files.write_bytes(tmp_path / f"{i}.bin", b"x")
+        with lock:
+            written.add(i)
+
+    def commit(i):
+        assert i in written and (tmp_path / f"{i}.bin").exists()  # a line only after its file exists
+        committed.append(i)
+
+    with files.OrderedWrites(workers=3, pending=2) as w:
+        for i, delay in enumerate([0.05, 0.0, 0.03, 0.0, 0.01]):  # later items finish first
+            w.submit(lambda i=i, d=delay: write(i, d), lambda i=i: commit(i))
+    assert committed == [0, 1, 2, 3, 4]
+
+    committed.clear()
+
+    def boom():
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        with files.OrderedWrites(workers=2) as w:
+            w.submit(lambda: write(10, 0.0), lambda: commit(10))
+            w.submit(boom, lambda: commit(11))
+            w.submit(lambda: write(12, 0.0), lambda: commit(12))
+    assert committed == [10]  # nothing after the failure is committed
+    with pytest.raises(RuntimeError, match="stop"):
+        with files.OrderedWrites(workers=1) as w:
+            w.submit(lambda: write(20, 0.02), lambda: commit(20))
+            raise RuntimeError("stop")
+    assert committed == [10]  # no line for the write in flight when the block failed
+    n = len(written)
+    time.sleep(0.05)
+    assert len(written) == n and not list(tmp_path.glob(".*.tmp"))  # nothing left running, no temp files
+
+
+@pytest.mark.parametrize("shape", [(224, 224, 3), (5, 7, 3), (2, 5, 7, 3), (3,), (4, 1)])
+def test_fast_normalize_gives_the_bits_of_the_broadcast_formula(shape):
+    from liftcam_jax.image import normalize
+
+    img = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
+    mean, std = (0.485, 0.456, 0.406)[: shape[-1]], (0.229, 0.224, 0.225)[: shape[-1]]
+    want = (np.asarray(img, np.float32) / 255.0 - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    got = normalize(img, mean, std)
+    assert got.dtype == np.float32 and got.shape == want.shape
+    np.testing.assert_array_equal(got, want)

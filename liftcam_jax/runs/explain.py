@@ -334,25 +334,34 @@ class _Writer:
     def finish(self, handle) -> None:
         entries, exp = handle
         host = self.jax.device_get(exp)
-        for i, e in enumerate(entries):
-            outputs = output_paths(e.item.id, self.cfg.save)
-            tgt, pred = int(host.targets[i]), int(np.argmax(host.logits[i]))
-            for rel in outputs:
-                path = os.path.join(self.folder.path, rel)
-                try:
-                    self._write(rel, path, e, i, host)
-                except OSError as err:  # disk full, folder removed...: fatal, the rerun resumes
-                    raise LiftcamError(
-                        f"cannot write {path}: {err.strerror or err} (fix it and rerun the same command to resume)"
-                    ) from None
-            self.folder.append({
-                "id": e.item.id, "source": e.item.source, "status": "done", "outputs": outputs, "error": None,
-                "target": tgt, "target_name": self.c.class_name(tgt),
-                "predicted": pred, "predicted_name": self.c.class_name(pred),
-                "label": e.meta.label, "label_name": e.meta.label_name,
-            })
-            self.summary.done += 1
-            self.progress.update(1)
+        # files on a few threads (zlib, PIL and the file system release the GIL); lines in order, after the files
+        with files.OrderedWrites(workers=2, pending=len(entries)) as writes:
+            for i, e in enumerate(entries):
+                outputs = output_paths(e.item.id, self.cfg.save)
+                tgt, pred = int(host.targets[i]), int(np.argmax(host.logits[i]))
+                record = {
+                    "id": e.item.id, "source": e.item.source, "status": "done", "outputs": outputs, "error": None,
+                    "target": tgt, "target_name": self.c.class_name(tgt),
+                    "predicted": pred, "predicted_name": self.c.class_name(pred),
+                    "label": e.meta.label, "label_name": e.meta.label_name,
+                }
+                writes.submit(lambda a=(outputs, e, i, host): self._write_item(*a),
+                              lambda r=record: self._commit(r))
+
+    def _write_item(self, outputs, e: Entry, i: int, host) -> None:
+        for rel in outputs:
+            path = os.path.join(self.folder.path, rel)
+            try:
+                self._write(rel, path, e, i, host)
+            except OSError as err:  # disk full, folder removed...: fatal, the rerun resumes
+                raise LiftcamError(
+                    f"cannot write {path}: {err.strerror or err} (fix it and rerun the same command to resume)"
+                ) from None
+
+    def _commit(self, record: dict) -> None:
+        self.folder.append(record)
+        self.summary.done += 1
+        self.progress.update(1)
 
     def _write(self, rel: str, path: str, e: Entry, i: int, host) -> None:
         from ..viz import overlay
