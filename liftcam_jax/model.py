@@ -39,6 +39,7 @@ class Preprocess:
       * ``"squash"``: the whole image resized to ``size x size`` (aspect ratio not kept).
       * ``"shorter_crop"``: shorter side resized to ``resize_to``, then a central
         ``size x size`` crop (torchvision's ``Resize(256) + CenterCrop(224)``).
+
     Pixel values are scaled to [0, 1], then ``(v - mean) / std`` per channel.
     """
 
