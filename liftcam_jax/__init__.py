@@ -18,7 +18,8 @@ __version__ = "0.1.0"
 
 # The rest of the library loads on first use (``liftcam_jax.batch.run(...)`` works
 # after a plain ``import liftcam_jax``), keeping the import itself light.
-_LAZY = ("batch", "bench", "data", "distributed", "evaluation", "files", "metrics", "viz", "cli", "errors", "image", "model", "explanation")
+_LAZY = ("batch", "bench", "data", "distributed", "evaluation", "files", "metrics", "viz", "cli", "errors", "image", "model", "explanation",
+         "results", "runs", "primitives", "throughput")
 
 
 def __getattr__(name):

@@ -64,8 +64,8 @@ def default_out(spec, suffix: str = "") -> str:
 
 
 def data_options(args):
-    """The :class:`~liftcam_jax.runs.loop.DataOptions` of the parsed arguments (:func:`add_tfds_arguments`)."""
-    from ..runs.loop import DataOptions
+    """The :class:`~liftcam_jax.data.DataOptions` of the parsed arguments (:func:`add_tfds_arguments`)."""
+    from ..data import DataOptions
 
     return DataOptions(data_dir=args.data_dir, download=getattr(args, "download", False), image_key=args.image_key,
                        label_key=args.label_key, label_map=args.label_map)

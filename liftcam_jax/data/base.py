@@ -101,7 +101,11 @@ class DataOptions:
     the image and the label (``None``: the only ``Image`` feature; the only
     ``ClassLabel`` feature, or ``label``); ``max_pixels``: the
     decompression-bomb limit of :func:`~liftcam_jax.data.decode_image`
-    (``-1``: PIL's ``Image.MAX_IMAGE_PIXELS``; ``None``: no check of ours).
+    (``-1``: PIL's ``Image.MAX_IMAGE_PIXELS``; ``None``: no check of ours);
+    ``label_map``: dataset labels -> the model's classes, for runs that explain
+    or evaluate the labelled class (:func:`~liftcam_jax.data.label_mapping`:
+    ``None`` by WordNet id or equal names, ``"identity"``, or a dict / JSON
+    file); opening inputs does not read it.
     """
 
     data_dir: Optional[str] = None
@@ -109,6 +113,7 @@ class DataOptions:
     image_key: Optional[str] = None
     label_key: Optional[str] = None
     max_pixels: Optional[int] = -1
+    label_map: Any = None
 
     @classmethod
     def of(cls, options: Optional["DataOptions"], **fields) -> "DataOptions":

@@ -265,7 +265,7 @@ def _check_redo(redo: Sequence[str], methods: Sequence[str]) -> None:
 def _check_boxes(source, metrics: Sequence[str], explicit: bool, data: str) -> None:
     """Box metrics asked for by name on data that has no boxes at all: a :class:`UsageError` before any work."""
     wanted = [m for m in metrics if METRICS[m].needs == "boxes"]
-    if explicit and wanted and getattr(source, "has_boxes", None) is False:
+    if explicit and wanted and not source.has_boxes:
         raise UsageError(f"--metrics {', '.join(wanted)} need boxes, and {data} has none "
                          "(a boxes.csv beside labels.csv, or a TFDS bbox feature)")
 
@@ -338,7 +338,7 @@ def evaluate(classifier, data, methods="all", metrics="all", *, out_dir, config:
     if cfg.data.label_map is not None and not data.startswith("tfds:"):
         raise UsageError("--label-map applies to TFDS data; labels.csv gives ImageNet indices (imagenet_index)")
     d = cfg.data
-    source = open_labelled(data, data_dir=d.data_dir, image_key=d.image_key, label_key=d.label_key)
+    source = open_labelled(data, options=d)
     _check_boxes(source, metrics, explicit_metrics, data)
     items = source.items[: cfg.limit]
     classes = num_classes(classifier)
@@ -351,7 +351,7 @@ def evaluate(classifier, data, methods="all", metrics="all", *, out_dir, config:
     pi, pc = process_share(cfg.process_index, cfg.process_count)
     folder = RunFolder(out_dir, identity, "evaluate", pi, pc)
     t0 = time.perf_counter()
-    todo = _todo(folder, distributed.share(items, pi, pc, [getattr(source, "sequential", False)] * len(items)),
+    todo = _todo(folder, distributed.share(items, pi, pc, [source.sequential] * len(items)),
                  list(methods), metrics, cfg.redo)
     grid_ids = [it.id for it in items[: max(0, int(cfg.grid))]]
     compile_s, fractions, counts = {}, None, {"done": 0, "failed": 0}

@@ -188,14 +188,13 @@ def run(classifier, inputs: Union[Sequence[str], Sequence[Source]], config: Opti
     sources = list(inputs)
     if not sources or not all(isinstance(s, Source) for s in sources):
         d = cfg.data
-        sources = open_inputs([os.fspath(s) for s in sources], data_dir=d.data_dir, download=d.download,
-                              image_key=d.image_key, label_key=d.label_key)
+        sources = open_inputs([os.fspath(s) for s in sources], options=d)
     mappings = {id(s): label_classes(classifier, s, classes, cfg.data.label_map) for s in sources
                 if target == "label"}
     pi, pc = process_share(cfg.process_index, cfg.process_count)
     folder = RunFolder(out_dir, _identity(classifier, cfg, method, target), "explain", pi, pc)
     listing = [(s, it) for s in sources for it in s.items][: cfg.limit]
-    share = distributed.share(listing, pi, pc, [getattr(s, "sequential", False) for s, _ in listing])
+    share = distributed.share(listing, pi, pc, [s.sequential for s, _ in listing])
     todo = [(s, it) for s, it in share if not _is_done(folder.previous.get(it.id), folder.path,
                                                         output_paths(it.id, cfg.save))]
     work = [(s, [it for s2, it in todo if s2 is s]) for s in sources if any(s2 is s for s2, _ in todo)]

@@ -29,30 +29,11 @@ from typing import Any, Dict, NamedTuple, Optional
 
 import numpy as np
 
-from ..data import Item, ItemError, label_mapping
+from ..data import DataOptions, Item, ItemError, label_mapping
 from ..errors import UsageError, one_line
 
 __all__ = ["DataOptions", "Entry", "Meta", "Progress", "Reader", "compiled_step", "label_class", "label_classes",
            "num_classes", "padded_size", "process_share", "run_loop"]
-
-
-@dataclasses.dataclass(frozen=True)
-class DataOptions:
-    """How inputs are found and labelled, for every command that reads data.
-
-    data_dir: the TFDS data dir (default TFDS's); download: let TFDS download
-    and prepare a missing dataset; image_key / label_key: the TFDS features
-    (default: the only ``Image`` feature; the only ``ClassLabel``, or
-    ``label``); label_map: dataset labels -> the model's classes
-    (:func:`liftcam_jax.data.label_mapping`: ``None`` by WordNet id or equal
-    names, ``"identity"``, or a dict / JSON file).
-    """
-
-    data_dir: Optional[str] = None
-    download: bool = False
-    image_key: Optional[str] = None
-    label_key: Optional[str] = None
-    label_map: Any = None
 
 
 _DATA_FIELDS = tuple(f.name for f in dataclasses.fields(DataOptions))
@@ -100,8 +81,8 @@ def label_classes(classifier, source, classes: int, label_map=None) -> Optional[
     """
     if source.labels_are_classes:
         return None
-    names = getattr(source, "label_names", None)
-    spec = getattr(source, "spec", None)
+    names = source.label_names
+    spec = source.spec
     if names is None:
         raise UsageError(f"--target label needs labelled inputs (a TFDS split with a ClassLabel feature); "
                          f"{spec or source.items[0].source} has no labels")
