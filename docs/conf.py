@@ -66,3 +66,17 @@ def _no_builtin_type_docs(app, what, name, obj, options, lines):
 
 def setup(app):
     app.connect("autodoc-process-docstring", _no_builtin_type_docs)
+
+
+# A class re-exported by several public modules (``batch`` and ``data`` both export
+# ``DataOptions``) is documented on each page under that page's name; autodoc would also
+# declare its defining module's name (``:canonical:``) on every page, a duplicate
+# description that -W turns into an error. Each page documents the name its module gives.
+try:  # Sphinx >= 9: autodoc's item properties
+    from sphinx.ext.autodoc._property_types import _ClassDefProperties  # noqa: E402
+
+    _ClassDefProperties.canonical_full_name = property(lambda self: None)
+except ImportError:  # Sphinx 7 and 8
+    from sphinx.ext.autodoc import ClassDocumenter  # noqa: E402
+
+    ClassDocumenter.get_canonical_fullname = lambda self: None
