@@ -197,3 +197,19 @@ def test_cli_compilation_cache_lives_beside_the_params_cache(tmp_path):
         assert (tmp_path / "cache" / "xla").is_dir()
     finally:
         jax.config.update("jax_compilation_cache_dir", before)
+
+
+def test_cli_data_measures_a_dataset_run_against_its_step(tmp_path, capsys):
+    from PIL import Image
+
+    photos = tmp_path / "in"
+    photos.mkdir()
+    for i in range(5):
+        Image.fromarray(np.full((30 + i, 40, 3), 40 * i, np.uint8)).save(photos / f"p{i}.png")
+    md = tmp_path / "d.md"
+    rc = cli.main(["bench", "--model", "tiny", "--data", str(photos), "--limit", "4", "--batch-sizes", "2",
+                   "--repeats", "1", "--out", str(md), "--quiet"], zoo=FakeZoo())
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert md.read_text() == out
+    assert "compiled step alone" in out and "save=raw" in out and "save=both" in out and "4 images, batch 2" in out

@@ -57,6 +57,13 @@ def add_arguments(parser):
         help="write the report: FILE.json (everything measured) or FILE.md (the table); repeatable",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    parser.add_argument(
+        "--data", default=None, metavar="DIR",
+        help="measure a dataset run (liftcam-jax explain) on these inputs against its own compiled step, "
+             "with --save raw and both, at the first batch size and the first method (default: random inputs)",
+    )
+    parser.add_argument("--limit", type=_args.positive_int, default=256,
+                        help="inputs used with --data (default: 256)")
 
 
 def run(args, zoo) -> int:
@@ -73,6 +80,8 @@ def run(args, zoo) -> int:
     model = _args.load_model(zoo, args, weights=None if args.weights in (None, "pretrained") else args.weights)
     size = int(model.preprocess.size)
     log = None if args.quiet else (lambda s: print(f"bench: {s}", file=sys.stderr, flush=True))
+    if args.data:
+        return _dataset_run(args, model, specs[0], batch_sizes[0], outs)
     report = bench(
         model.split,
         model.params,
@@ -96,6 +105,21 @@ def run(args, zoo) -> int:
         write_bytes(p, text.encode("utf-8"))
         if log:
             log(f"wrote {p}")
+    return 0
+
+
+def _dataset_run(args, model, spec, batch_size: int, outs) -> int:
+    """``--data``: :func:`liftcam_jax.throughput.dataset_efficiency`, printed as markdown."""
+    from ..throughput import dataset_efficiency
+
+    report = dataset_efficiency(model, [args.data], method=spec.name, options=dict(spec.options),
+                                batch_size=batch_size, limit=args.limit, repeats=args.repeats)
+    table = report.to_markdown()
+    print(table, end="")
+    for p in outs:
+        if p.suffix.lower() != ".md":
+            raise UsageError(f"--out {p}: with --data the report is markdown (FILE.md)")
+        write_bytes(p, table.encode("utf-8"))
     return 0
 
 
