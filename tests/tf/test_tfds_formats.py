@@ -159,7 +159,7 @@ def test_configs_versions_and_feature_keys(twins):
         read_config=tfds.ReadConfig(interleave_cycle_length=1)))]
     for it in src.items:
         np.testing.assert_array_equal(got[it.id].image, example_image(int(order[it.ref[1]][1:4]), "b"))
-    with pytest.raises(UsageError, match=r"not found"):
+    with pytest.raises(UsageError, match=r"cannot be loaded at version 9\.9\.9, only: 1\.0\.0"):
         data.open_inputs([f"tfds:{NAME}/b@9.9.9:validation"], data_dir=rec)
     with pytest.raises(UsageError, match=r"no image feature 'photo'.*image features: image"):
         data.open_inputs([f"tfds:{NAME}/a:validation"], data_dir=rec, image_key="photo")
