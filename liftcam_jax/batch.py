@@ -11,7 +11,8 @@ run loop (:mod:`liftcam_jax.runs.loop`)::
 """
 from .runs.explain import SAVE_MODES, RunConfig, RunSummary, output_paths, run
 from .runs.folder import RunFolder, check_run_identity, manifest_name, merged_records, read_manifests, status
-from .runs.loop import MAX_RESIZED_PIXELS, DataOptions, Entry, Meta, Progress, Reader, padded_size, run_loop
+from .data import DataOptions
+from .runs.loop import MAX_RESIZED_PIXELS, Entry, Meta, Progress, Reader, padded_size, run_loop
 
 Summary = RunSummary  # the name before RunSummary (metrics.Summary is the mean and its interval)
 

@@ -14,7 +14,7 @@ from .results import Results, aggregate, cosine_ceiling, replication_table
 from .runs.evaluate import (METRICS, RUN_FIELDS, Context, EvalConfig, Metric, check_cam_applies, evaluate,
                             parse_metrics, register_metric)
 from .runs.folder import LOG_STEMS, log_name
-from .runs.loop import DataOptions
+from .data import DataOptions
 
 LOG = log_name(LOG_STEMS["evaluate"])  # one process's log: evaluate.jsonl
 

@@ -34,7 +34,7 @@ import os
 import struct
 import tempfile
 import zlib
-from typing import Callable, Dict, Iterable, Iterator, List, Optional
+from typing import Callable, Dict, Iterable, Iterator, List
 
 import numpy as np
 

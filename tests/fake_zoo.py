@@ -130,3 +130,15 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def write_photos(folder, n: int, *, first_height: int = 24, name: str = "p{i:02d}.png"):
+    """``n`` random RGB PNGs of heights ``first_height + i`` (width 40) in ``folder``, for runs over a folder."""
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (first_height + i, 40, 3), dtype=np.uint8)).save(folder / name.format(i=i))
+    return folder

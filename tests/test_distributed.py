@@ -16,7 +16,6 @@ import time
 
 import numpy as np
 import pytest
-from PIL import Image
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, TESTS)
@@ -68,11 +67,7 @@ def _two(command, args, **env):
 
 
 def _photos(folder, n):
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    for i in range(n):
-        Image.fromarray(rng.integers(0, 256, (24 + i, 40, 3), dtype=np.uint8)).save(folder / f"p{i:02d}.png")
-    return folder
+    return fake_zoo.write_photos(folder, n)
 
 
 def _done_lines(out):

@@ -2,9 +2,7 @@
 import os
 import sys
 
-import numpy as np
 import pytest
-from PIL import Image
 
 sys.path.insert(0, os.path.dirname(__file__))
 import fake_zoo  # noqa: E402
@@ -14,11 +12,7 @@ from liftcam_jax.errors import UsageError  # noqa: E402
 
 
 def _photos(folder, n):
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    for i in range(n):
-        Image.fromarray(rng.integers(0, 256, (40 + i, 50, 3), dtype=np.uint8)).save(folder / f"p{i}.png")
-    return folder
+    return fake_zoo.write_photos(folder, n, first_height=40, name="p{i}.png")
 
 
 def test_dataset_efficiency_measures_step_decode_and_runs(tmp_path):

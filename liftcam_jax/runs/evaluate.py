@@ -46,11 +46,11 @@ import numpy as np
 from .. import distributed, files
 from .. import methods as _methods
 from .. import metrics as M
-from ..data import ItemError, open_labelled
+from ..data import DataOptions, ItemError, open_labelled
 from ..errors import UsageError, positive_int
 from ..results import COLUMNS, Results, aggregate, cosine_ceiling, finite
 from .folder import RunFolder
-from .loop import (DataOptions, Entry, Progress, compiled_step, configure, label_class, label_classes, num_classes,
+from .loop import (Entry, Progress, compiled_step, configure, label_class, label_classes, num_classes,
                    padded_size, process_share, run_loop)
 
 __all__ = ["Context", "EvalConfig", "METRICS", "Metric", "RUN_FIELDS", "check_cam_applies", "evaluate", "parse_metrics",

@@ -64,10 +64,10 @@ import numpy as np
 
 from .. import distributed, files
 from .. import methods as _methods
-from ..data import Item, ItemError, Source, open_inputs
+from ..data import DataOptions, Item, ItemError, Source, open_inputs
 from ..errors import LiftcamError, UsageError, positive_int
 from .folder import RunFolder, status
-from .loop import (DataOptions, Entry, Meta, Progress, compiled_step, configure, label_class, label_classes,
+from .loop import (Entry, Meta, Progress, compiled_step, configure, label_class, label_classes,
                    num_classes, padded_size, process_share, run_loop)
 
 __all__ = ["RunConfig", "RunSummary", "output_paths", "run"]

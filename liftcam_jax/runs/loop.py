@@ -32,7 +32,7 @@ import numpy as np
 from ..data import DataOptions, Item, ItemError, label_mapping
 from ..errors import UsageError, one_line
 
-__all__ = ["DataOptions", "Entry", "Meta", "Progress", "Reader", "compiled_step", "label_class", "label_classes",
+__all__ = ["Entry", "Meta", "Progress", "Reader", "compiled_step", "label_class", "label_classes",
            "num_classes", "padded_size", "process_share", "run_loop"]
 
 
