@@ -22,6 +22,20 @@ remembered from ``features`` calls (per activation shape), or given as
 A submodule called several times (a shared block) is chosen by
 ``call_index`` (0-based, in call order); without it, it is an error.
 
+The head must return one array (the logits). A model that returns more (a
+tuple such as big_vision's ``(logits, out)``, a dict, a Hugging Face
+``ModelOutput``) is given an output selector, ``output=lambda out: out[0]``,
+applied inside the head *before* the skip-connection check: only the selected
+output's dependence on the input counts, so activations from before the cut
+returned beside the logits do not make the cut look bridged. Without a
+selector such a model is a one-line :class:`SplitError` naming ``output=``.
+
+The split runs the model as a pure function in evaluation mode. Train mode is
+refused in one line naming the flag to pass: a BatchNorm using batch statistics
+(``use_running_average=False``: it would also write its ``batch_stats``), a
+Dropout drawing a random mask (``deterministic=False``), any other write to a
+variable collection or draw from an RNG stream; for NNX, ``model.eval()``.
+
 Linen modules are intercepted with ``flax.linen.intercept_methods`` (every
 ``__call__`` of the submodule at the path); NNX modules are merged from
 ``(graphdef, state)`` (the state is the ``params`` argument) and the
@@ -29,10 +43,13 @@ submodule's ``__call__`` is wrapped on the fresh copy.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+import inspect
+import re
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from .errors import UsageError
 from .interpreter import live_equations
@@ -42,7 +59,8 @@ __all__ = ["SplitError", "linen_split", "nnx_split"]
 
 
 class SplitError(UsageError):
-    """A layer path that does not name a submodule called once, or a cut that does not separate."""
+    """A layer path that does not name a submodule called once, a cut that does not separate,
+    an output that is not one array, or a model in train mode."""
 
 
 def _parse(layer) -> Tuple[str, ...]:
@@ -92,8 +110,37 @@ class _Hook:
         return None if self.replacement is not None else self.outputs[self.call_index or 0]
 
 
-def _split(run: Callable, layer, call_index: Optional[int], input_shape, input_dtype) -> Split:
-    """The :class:`Split` of a model given ``run(params, x, hook) -> output``."""
+def _describe(out) -> Tuple[str, str]:
+    """What a non-array output is, in words, and an ``output=`` selector for it."""
+    name = type(out).__name__
+    if isinstance(out, Mapping) or callable(getattr(out, "keys", None)):
+        keys = [str(k) for k in out.keys()]
+        pick = "logits" if "logits" in keys else (keys[0] if keys else "logits")
+        return f"a {name} with keys {', '.join(keys[:6])}", f"output=lambda out: out[{pick!r}]"
+    if isinstance(out, (tuple, list)):
+        return f"a {name} of {len(out)}", "output=lambda out: out[0]"
+    return f"a {name}", "output=lambda out: out.logits"
+
+
+def _one_array(out, where: str):
+    """``out`` when it is one array; a one-line :class:`SplitError` naming ``output=`` otherwise."""
+    if isinstance(out, (jax.Array, np.ndarray)):
+        return out
+    what, pick = _describe(out)
+    raise SplitError(
+        f"the model returns {what}, not one array of logits: give {where} an output selector, e.g. {pick}, "
+        "or keep the whole output with output=lambda out: out and explain a target function of it"
+    )
+
+
+def _split(run: Callable, layer, call_index: Optional[int], input_shape, input_dtype,
+           output: Optional[Callable] = None, where: str = "the split") -> Split:
+    """The :class:`Split` of a model given ``run(params, x, hook) -> output``.
+
+    ``output`` selects the head's value from the model's output (applied
+    before the skip-connection check); without it the output must be one
+    array (``where`` names the options in the message).
+    """
     path = _parse(layer)
     name = _join(path)
     inputs: Dict[Any, Tuple[tuple, Any]] = {}
@@ -123,7 +170,7 @@ def _split(run: Callable, layer, call_index: Optional[int], input_shape, input_d
         hook = _Hook(path, call_index, replacement=a)
         out = run(params, x, hook)
         hook.chosen(name)
-        return out
+        return output(out) if output is not None else _one_array(out, where)
 
     def head(params, a):
         spec = _input(a)
@@ -156,12 +203,69 @@ def _check_separates(run_head, params, spec, a, name):
 
 
 # ---------------------------------------------------------------------------
+# train mode
+# ---------------------------------------------------------------------------
+
+# A model's evaluation flag, as research code names it, and its evaluation value.
+_EVAL_FLAGS = (("train", False), ("training", False), ("is_training", False), ("deterministic", True),
+               ("use_running_average", True))
+
+
+def _eval_flag(fn, given: Mapping) -> Optional[str]:
+    """``"train=False"`` (or the like) when ``fn``'s signature has such a flag not yet given its eval value."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return None
+    for flag, value in _EVAL_FLAGS:
+        if flag in params and given.get(flag, not value) != value:
+            return f"{flag}={value}"
+    return None
+
+
+def _train_mode(module, args, kwargs) -> Optional[str]:
+    """Why a linen BatchNorm or Dropout about to run is in train mode (``None`` when it is not).
+
+    The flag is Flax's ``merge_param`` of the attribute and the call argument.
+    """
+    import flax.linen as nn
+
+    def flag(attr, position):
+        call = kwargs.get(attr, args[position] if len(args) > position else None)
+        return getattr(module, attr) if call is None else call
+
+    if isinstance(module, nn.BatchNorm) and flag("use_running_average", 1) is False:
+        return "a BatchNorm with use_running_average=False: batch statistics, and a write to its batch_stats"
+    if isinstance(module, nn.Dropout) and module.rate > 0 and flag("deterministic", 1) is False:
+        return f"a Dropout with deterministic=False: a random mask (rate {module.rate})"
+    return None
+
+
+def _flax_failure(e: Exception) -> Optional[str]:
+    """What a Flax or JAX error raised while running the model says about train mode (``None``: nothing)."""
+    from flax import errors
+
+    text = str(e)
+    if isinstance(e, errors.ModifyScopeVariableError):
+        c = re.search(r'collection "([^"]+)"', text)
+        return f"the model writes its {c.group(1) if c else 'variable'!r} collection (train mode)"
+    if isinstance(e, errors.InvalidRngError):
+        r = re.search(r'PRNG for "([^"]+)"', text)
+        return f"the model draws random numbers from the {r.group(1) if r else 'rng'!r} stream (train-mode dropout?)"
+    if isinstance(e, NameError) and "unbound axis name" in text:
+        return f"the model reduces over a mapped axis ({text.strip()}: a BatchNorm with axis_name in train mode?)"
+    if isinstance(e, errors.TraceContextError):
+        return "the model changes its state while it runs (a BatchNorm's statistics or a Dropout's RNG stream)"
+    return None
+
+
+# ---------------------------------------------------------------------------
 # linen
 # ---------------------------------------------------------------------------
 
-def linen_split(module, layer, method=None, *, call_index: Optional[int] = None,
-                input_shape: Optional[Sequence[int]] = None, input_dtype=jnp.float32,
-                **apply_kwargs) -> Split:
+def linen_split(module, layer, method=None, *, output: Optional[Callable] = None,
+                call_index: Optional[int] = None, input_shape: Optional[Sequence[int]] = None,
+                input_dtype=jnp.float32, **apply_kwargs) -> Split:
     """Split a ``flax.linen`` module at the output of the submodule at path ``layer``.
 
     Args:
@@ -171,36 +275,94 @@ def linen_split(module, layer, method=None, *, call_index: Optional[int] = None,
       layer: ``"name"`` or ``"parent/child"``: the path of names from the root
         (auto-named submodules too, e.g. ``"Bottleneck_15"``). An unknown path
         is a :class:`SplitError` listing the submodules the model calls.
-      method: the module's method to run (``module.apply``'s ``method=``).
+      method: what ``module.apply`` runs (its ``method=``): a method name, a
+        method, or a function ``f(module, x, **apply_kwargs)``, e.g.
+        ``lambda m, x, **kw: m(x, **kw)[0]`` for a model returning a tuple.
+      output: a function of the model's output giving the head's value, e.g.
+        ``lambda out: out[0]`` for big_vision's ``(logits, out)``, or
+        ``lambda out: out["logits"]``. It is applied before the skip-connection
+        check, so whatever else the model returns does not count. Without
+        ``output`` (or ``method``) selecting one array, a model returning a
+        tuple, dict or ``ModelOutput`` is a :class:`SplitError`.
       call_index: which call of a submodule called several times.
       input_shape: the per-image input shape; default: remembered from
         ``features``.
-      **apply_kwargs: passed to ``module.apply`` (e.g. ``train=False``).
+      **apply_kwargs: passed to ``module.apply``: the model's evaluation flag
+        (``train=False``, ``deterministic=True``). A BatchNorm or Dropout in
+        train mode, a write to a variable collection or a draw from an RNG
+        stream is a one-line :class:`SplitError` naming the flag; ``mutable=``
+        and ``rngs=`` are refused (the split is a pure, deterministic function).
 
     Example::
 
         split = lj.linen_split(net, "backbone/stage4", train=False)
         e = lj.explainer(split, "lift-cam")(variables, x)
+        vit = lj.linen_split(big_vision_vit, "Transformer/encoderblock_10", output=lambda out: out[0])
     """
     import flax.linen as nn
+
+    root = method if callable(method) else getattr(type(module), method or "__call__", None)
+    flag = _eval_flag(root, apply_kwargs)
+    advice = (f"pass {flag} to linen_split (its keywords go to module.apply)" if flag else
+              "pass the model's evaluation flag (e.g. train=False or deterministic=True) to linen_split "
+              "(its keywords go to module.apply)")
+    for bad in ("mutable", "rngs"):
+        if apply_kwargs.get(bad) not in (None, False):
+            raise SplitError(f"linen_split runs the model as a pure, deterministic function: drop {bad}= and {advice}")
 
     def run(variables, x, hook):
         def interceptor(next_fun, args, kwargs, context):
             if context.method_name != "__call__":
                 return next_fun(*args, **kwargs)
+            why = _train_mode(context.module, args, kwargs)
+            if why is not None:
+                raise SplitError(f"submodule {_join(context.module.path)!r} is in train mode ({why}); {advice}")
             return hook(context.module.path, lambda: next_fun(*args, **kwargs))
 
-        with nn.intercept_methods(interceptor):
-            return module.apply(variables, x, method=method, **apply_kwargs)
+        try:
+            with nn.intercept_methods(interceptor):
+                return module.apply(variables, x, method=method, **apply_kwargs)
+        except (NameError, *_flax_errors()) as e:
+            why = _flax_failure(e)
+            if why is None:
+                raise
+            raise SplitError(f"{why}; {advice}") from e
 
-    return _split(run, layer, call_index, input_shape, input_dtype)
+    return _split(run, layer, call_index, input_shape, input_dtype, output,
+                  "linen_split (output= or method=)")
+
+
+def _flax_errors():
+    from flax import errors
+
+    return errors.ModifyScopeVariableError, errors.InvalidRngError, errors.TraceContextError
 
 
 # ---------------------------------------------------------------------------
 # NNX
 # ---------------------------------------------------------------------------
 
-def nnx_split(model, layer, *, call_index: Optional[int] = None,
+def _nnx_train_mode(model) -> Optional[str]:
+    """The first submodule of an NNX model in train mode, and why (``None``: evaluation mode).
+
+    ``model.train()`` / ``model.eval()`` set ``use_running_average`` and
+    ``deterministic`` on every submodule that has them; a ``deterministic=False``
+    with a zero dropout rate draws nothing and is accepted.
+    """
+    from flax import nnx
+
+    for p, sub in nnx.iter_modules(model):
+        where = _join(p) or "(the model)"
+        if getattr(sub, "use_running_average", None) is False:
+            return f"{type(sub).__name__} {where!r} has use_running_average=False: batch statistics"
+        if getattr(sub, "deterministic", None) is False:
+            rates = [getattr(sub, r) for r in ("rate", "dropout_rate") if isinstance(getattr(sub, r, None), (int, float))]
+            if not rates or max(rates) > 0:
+                return f"{type(sub).__name__} {where!r} has deterministic=False: a random mask"
+    return None
+
+
+def nnx_split(model, layer, *, output: Optional[Callable] = None, call_index: Optional[int] = None,
               input_shape: Optional[Sequence[int]] = None, input_dtype=jnp.float32,
               **call_kwargs):
     """Split a ``flax.nnx`` module at the output of the submodule at path ``layer``.
@@ -210,16 +372,31 @@ def nnx_split(model, layer, *, call_index: Optional[int] = None,
     ``features`` and ``head``, so it is an argument of any compiled program.
     ``layer`` is an attribute path (``"backbone/stage4"``, list items by index:
     ``"blocks/3"``); an unknown one is a :class:`SplitError` listing the valid
-    ones. Put the model in evaluation mode first (``model.eval()``).
-    ``call_kwargs`` are passed to the model's ``__call__``.
+    ones. ``output`` is a function of the model's output giving the head's
+    value (``lambda out: out[0]``), applied before the skip-connection check,
+    as in :func:`linen_split`. ``call_kwargs`` are passed to the model's
+    ``__call__``.
+
+    The model must be in evaluation mode (``model.eval()``): a submodule with
+    ``use_running_average=False`` or ``deterministic=False`` (a BatchNorm or
+    Dropout after ``model.train()``, or built with the defaults) is a one-line
+    :class:`SplitError` naming ``model.eval()``, unless ``call_kwargs`` pass an
+    evaluation flag (``train=False``, ``deterministic=True``); a state change
+    while the model runs is the same error.
 
     Example::
 
+        model.eval()
         split, state = lj.nnx_split(model, "stage4")
         e = lj.explainer(split, "lift-cam")(state, x)
     """
     from flax import nnx
 
+    advice = "call model.eval() before nnx_split"
+    if not any(call_kwargs.get(f, not v) == v for f, v in _EVAL_FLAGS):
+        why = _nnx_train_mode(model)
+        if why is not None:
+            raise SplitError(f"the model is in train mode ({why}); {advice}")
     graphdef, state = nnx.split(model)
     path = _parse(layer)
     valid = [tuple(str(p) for p in p_) for p_, _ in nnx.iter_modules(model) if p_]
@@ -236,6 +413,12 @@ def nnx_split(model, layer, *, call_index: Optional[int] = None,
                     "__call__": lambda self, *args, **kw: hook(path, lambda: call(self, *args, **kw)),
                 })
                 break
-        return m(x, **call_kwargs)
+        try:
+            return m(x, **call_kwargs)
+        except _flax_errors() as e:
+            why = _flax_failure(e)
+            if why is None:
+                raise
+            raise SplitError(f"{why}; {advice}") from e
 
-    return _split(run, layer, call_index, input_shape, input_dtype), state
+    return _split(run, layer, call_index, input_shape, input_dtype, output, "nnx_split (output=)"), state
