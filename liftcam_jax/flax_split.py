@@ -76,10 +76,18 @@ def _join(path) -> str:
 
 
 class _Hook:
-    """One run of the model: counts the calls at ``path`` and records or replaces the chosen one."""
+    """One run of the model: counts the calls at ``path`` and records or replaces the chosen one.
 
-    def __init__(self, path, call_index, replacement=None):
-        self.path, self.call_index, self.replacement = path, call_index, replacement
+    ``select`` (the split's ``layer_output``) picks the activation from a
+    submodule that returns more than one array; the replacement then runs the
+    submodule and puts ``a`` where the picked array was (every leaf that *is*
+    it), so the rest of its output keeps its structure.
+    """
+
+    def __init__(self, path, call_index, replacement=None, select=None, history=None):
+        self.path, self.call_index, self.replacement, self.select = path, call_index, replacement, select
+        self.history = set() if history is None else history  # the layer's calls seen by earlier runs
+        self.declared = False  # whether the model's variables hold the layer (set by linen's run)
         self.calls = 0
         self.outputs = []
         self.seen = []  # paths of every submodule called, in order
@@ -90,36 +98,61 @@ class _Hook:
             self.seen.append(path)
         if path != self.path:
             return run()
+        self.history.add(path)
         i, self.calls = self.calls, self.calls + 1
         if self.replacement is not None and (self.call_index is None or i == self.call_index):
-            return self.replacement
+            if self.select is None:
+                return self.replacement
+            out = run()
+            picked = self.select(out)
+            leaves, tree = jax.tree_util.tree_flatten(out)
+            if not any(leaf is picked for leaf in leaves):
+                raise SplitError(f"layer_output must return one array of layer {_join(path)!r}'s output as it is "
+                                 "(e.g. layer_output=lambda out: out[0]), not a value computed from it")
+            return jax.tree_util.tree_unflatten(tree, [self.replacement if leaf is picked else leaf for leaf in leaves])
         out = run()
         self.outputs.append(out)
         return out
 
     def chosen(self, layer: str):
+        if self.calls == 0 and self.path in self.history:  # an nn.jit's cached trace: its Python does not run
+            raise SplitError(f"layer {layer!r} {_TRANSFORMED}")
+        if self.calls == 0 and self.declared:
+            raise SplitError(f"layer {layer!r} has variables but no call of it was seen: the model (or method=) "
+                             f"does not call it, or it {_TRANSFORMED}")
         if self.calls == 0:
             valid = ", ".join(_join(p) for p in self.seen) or "(none)"
             raise SplitError(f"no submodule {layer!r} is called by the model; valid layers: {valid}")
+        if self.replacement is None and any(map(_leaked, self.outputs)):
+            raise SplitError(f"layer {layer!r} {_TRANSFORMED}")
         if self.call_index is None and self.calls > 1:
             raise SplitError(
                 f"submodule {layer!r} is called {self.calls} times; choose one with call_index=0..{self.calls - 1}"
             )
         if self.call_index is not None and not 0 <= self.call_index < self.calls:
             raise SplitError(f"call_index {self.call_index} out of range: {layer!r} is called {self.calls} times")
-        return None if self.replacement is not None else self.outputs[self.call_index or 0]
+        if self.replacement is not None:
+            return None
+        out = self.outputs[self.call_index or 0]
+        if self.select is not None:
+            return self.select(out)
+        if isinstance(out, (jax.Array, np.ndarray)):
+            return out
+        what, pick = _describe(out)
+        raise SplitError(f"layer {layer!r} returns {what}, not one array: pick the activation with "
+                         f"layer_output={pick}")
 
 
 def _describe(out) -> Tuple[str, str]:
-    """What a non-array output is, in words, and an ``output=`` selector for it."""
+    """What a non-array output is, in words, and a selector for it (``lambda out: out[0]``)."""
     name = type(out).__name__
     if isinstance(out, Mapping) or callable(getattr(out, "keys", None)):
         keys = [str(k) for k in out.keys()]
         pick = "logits" if "logits" in keys else (keys[0] if keys else "logits")
-        return f"a {name} with keys {', '.join(keys[:6])}", f"output=lambda out: out[{pick!r}]"
+        return f"a {name} with keys {', '.join(keys[:6])}", f"lambda out: out[{pick!r}]"
     if isinstance(out, (tuple, list)):
-        return f"a {name} of {len(out)}", "output=lambda out: out[0]"
-    return f"a {name}", "output=lambda out: out.logits"
+        return f"a {name} of {len(out)}", "lambda out: out[0]"
+    return f"a {name}", "lambda out: out.logits"
 
 
 def _one_array(out, where: str):
@@ -128,26 +161,52 @@ def _one_array(out, where: str):
         return out
     what, pick = _describe(out)
     raise SplitError(
-        f"the model returns {what}, not one array of logits: give {where} an output selector, e.g. {pick}, "
+        f"the model returns {what}, not one array of logits: give {where} an output selector, e.g. output={pick}, "
         "or keep the whole output with output=lambda out: out and explain a target function of it"
     )
 
 
+_TRANSFORMED = ("runs inside a Flax transformation of the model (nn.jit, nn.remat, nn.scan), whose values cannot "
+                "be taken out of it: cut at a module outside it, or build the model without it to explain it")
+
+
+def _leaked(out) -> bool:
+    """Whether ``out`` holds a tracer of a transformation inside the model that has ended.
+
+    A submodule run under a Flax lifted transformation (``nn.jit``, ``nn.remat``,
+    ``nn.scan``) is called inside that transformation's own trace: its output,
+    recorded by the hook, is a tracer that cannot be used outside. Using it
+    (``a + 0``, dead code under ``jit``) raises JAX's ``UnexpectedTracerError``.
+    """
+    for a in jax.tree_util.tree_leaves(out):
+        if isinstance(a, jax.core.Tracer):
+            try:
+                a + 0
+            except jax.errors.UnexpectedTracerError:
+                return True
+            except TypeError:  # a value without + (a PRNG key): not judged
+                continue
+    return False
+
+
 def _split(run: Callable, layer, call_index: Optional[int], input_shape, input_dtype,
-           output: Optional[Callable] = None, where: str = "the split") -> Split:
+           output: Optional[Callable] = None, where: str = "the split",
+           layer_output: Optional[Callable] = None) -> Split:
     """The :class:`Split` of a model given ``run(params, x, hook) -> output``.
 
     ``output`` selects the head's value from the model's output (applied
     before the skip-connection check); without it the output must be one
-    array (``where`` names the options in the message).
+    array (``where`` names the options in the message). ``layer_output``
+    selects the activation from the layer's output (see :class:`_Hook`).
     """
     path = _parse(layer)
     name = _join(path)
     inputs: Dict[Any, Tuple[tuple, Any]] = {}
     checked = set()
+    history = set()
 
     def features(params, x):
-        hook = _Hook(path, call_index)
+        hook = _Hook(path, call_index, select=layer_output, history=history)
         run(params, x, hook)
         a = hook.chosen(name)
         inputs[(tuple(jnp.shape(a)[1:]), jnp.result_type(a))] = (tuple(jnp.shape(x)[1:]), jnp.result_type(x))
@@ -167,7 +226,7 @@ def _split(run: Callable, layer, call_index: Optional[int], input_shape, input_d
         return jax.ShapeDtypeStruct((jnp.shape(a)[0],) + shape, dtype)
 
     def run_head(params, x, a):
-        hook = _Hook(path, call_index, replacement=a)
+        hook = _Hook(path, call_index, replacement=a, select=layer_output, history=history)
         out = run(params, x, hook)
         hook.chosen(name)
         return output(out) if output is not None else _one_array(out, where)
@@ -264,8 +323,8 @@ def _flax_failure(e: Exception) -> Optional[str]:
 # ---------------------------------------------------------------------------
 
 def linen_split(module, layer, method=None, *, output: Optional[Callable] = None,
-                call_index: Optional[int] = None, input_shape: Optional[Sequence[int]] = None,
-                input_dtype=jnp.float32, **apply_kwargs) -> Split:
+                layer_output: Optional[Callable] = None, call_index: Optional[int] = None,
+                input_shape: Optional[Sequence[int]] = None, input_dtype=jnp.float32, **apply_kwargs) -> Split:
     """Split a ``flax.linen`` module at the output of the submodule at path ``layer``.
 
     Args:
@@ -284,6 +343,11 @@ def linen_split(module, layer, method=None, *, output: Optional[Callable] = None
         check, so whatever else the model returns does not count. Without
         ``output`` (or ``method``) selecting one array, a model returning a
         tuple, dict or ``ModelOutput`` is a :class:`SplitError`.
+      layer_output: a function picking the activation from the layer's output
+        when the submodule returns more than one array, e.g. big_vision's
+        ``Encoder1DBlock`` returning ``(x, out)``: ``lambda out: out[0]``. It
+        must return one array of that output as it is (the head puts ``a`` in
+        its place and keeps the rest).
       call_index: which call of a submodule called several times.
       input_shape: the per-image input shape; default: remembered from
         ``features``.
@@ -311,6 +375,8 @@ def linen_split(module, layer, method=None, *, output: Optional[Callable] = None
             raise SplitError(f"linen_split runs the model as a pure, deterministic function: drop {bad}= and {advice}")
 
     def run(variables, x, hook):
+        hook.declared = _declared(variables, hook.path)
+
         def interceptor(next_fun, args, kwargs, context):
             if context.method_name != "__call__":
                 return next_fun(*args, **kwargs)
@@ -329,7 +395,20 @@ def linen_split(module, layer, method=None, *, output: Optional[Callable] = None
             raise SplitError(f"{why}; {advice}") from e
 
     return _split(run, layer, call_index, input_shape, input_dtype, output,
-                  "linen_split (output= or method=)")
+                  "linen_split (output= or method=)", layer_output)
+
+
+def _declared(variables, path) -> bool:
+    """Whether a linen ``variables`` dict holds the submodule at ``path`` in some collection."""
+    for coll in variables.values() if isinstance(variables, Mapping) else ():
+        node = coll
+        for name in path:
+            if not isinstance(node, Mapping) or name not in node:
+                break
+            node = node[name]
+        else:
+            return True
+    return False
 
 
 def _flax_errors():
@@ -356,13 +435,15 @@ def _nnx_train_mode(model) -> Optional[str]:
         if getattr(sub, "use_running_average", None) is False:
             return f"{type(sub).__name__} {where!r} has use_running_average=False: batch statistics"
         if getattr(sub, "deterministic", None) is False:
-            rates = [getattr(sub, r) for r in ("rate", "dropout_rate") if isinstance(getattr(sub, r, None), (int, float))]
+            rates = [getattr(sub, r, None) for r in ("rate", "dropout_rate")]
+            rates = [r for r in rates if isinstance(r, (int, float))]
             if not rates or max(rates) > 0:
                 return f"{type(sub).__name__} {where!r} has deterministic=False: a random mask"
     return None
 
 
-def nnx_split(model, layer, *, output: Optional[Callable] = None, call_index: Optional[int] = None,
+def nnx_split(model, layer, *, output: Optional[Callable] = None, layer_output: Optional[Callable] = None,
+              call_index: Optional[int] = None,
               input_shape: Optional[Sequence[int]] = None, input_dtype=jnp.float32,
               **call_kwargs):
     """Split a ``flax.nnx`` module at the output of the submodule at path ``layer``.
@@ -374,7 +455,8 @@ def nnx_split(model, layer, *, output: Optional[Callable] = None, call_index: Op
     ``"blocks/3"``); an unknown one is a :class:`SplitError` listing the valid
     ones. ``output`` is a function of the model's output giving the head's
     value (``lambda out: out[0]``), applied before the skip-connection check,
-    as in :func:`linen_split`. ``call_kwargs`` are passed to the model's
+    as in :func:`linen_split`; so is ``layer_output``, the activation's
+    selector for a submodule returning more than one array. ``call_kwargs`` are passed to the model's
     ``__call__``.
 
     The model must be in evaluation mode (``model.eval()``): a submodule with
@@ -421,4 +503,5 @@ def nnx_split(model, layer, *, output: Optional[Callable] = None, call_index: Op
                 raise
             raise SplitError(f"{why}; {advice}") from e
 
-    return _split(run, layer, call_index, input_shape, input_dtype, output, "nnx_split (output=)"), state
+    return _split(run, layer, call_index, input_shape, input_dtype, output, "nnx_split (output=)",
+                  layer_output), state

@@ -224,3 +224,82 @@ def test_nnx_state_change_while_running_names_model_eval():
 
     split, state = lj.nnx_split(Counting(nnx.Rngs(0)), "conv")
     _refused(lambda: lj.explain(split, state, X), "changes its state", "model.eval()")
+
+
+# ---------------------------------------------------------------------------
+# a cut inside a Flax lifted transformation (nn.jit, nn.remat)
+# ---------------------------------------------------------------------------
+
+class _Inner(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Conv(3, (1, 1), name="after")(nn.relu(nn.Conv(3, (3, 3), name="cut")(x)))
+
+
+@pytest.mark.parametrize("lift", [nn.jit, nn.remat], ids=["nn.jit", "nn.remat"])
+def test_a_cut_inside_a_lifted_transformation_is_one_line(lift):
+    """Before: the features leaked a tracer of the transformation (nn.jit then said the layer
+    was not called at all, from its cached trace)."""
+    wrapped = lift(_Inner)
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(4)(wrapped(name="block")(x).mean((1, 2)))
+
+    net = Net()
+    v = net.init(KEY, X)
+    for layer in ("block/cut", "block/cut", "block"):  # twice: nn.jit's second run is its cached trace
+        _refused(lambda: lj.linen_split(net, layer).features(v, X), "Flax transformation", "nn.remat",
+                 "cut at a module outside it")
+    split = lj.linen_split(net, "Dense_0")  # outside the transformation: a split as usual
+    np.testing.assert_allclose(split(v, X), net.apply(v, X), rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------
+# big_vision's ViT (vendored verbatim): (logits, out), blocks returning (x, out)
+# ---------------------------------------------------------------------------
+
+def test_big_vision_vit_at_a_block():
+    """big_vision's ``_Model`` returns ``(logits, out)`` and its ``Encoder1DBlock`` returns ``(x, out)``;
+    ``out`` holds activations from before the cut (``stem``, earlier blocks). With ``output=`` and
+    ``layer_output=`` the split reproduces the model and the skip-connection check accepts the cut."""
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    import big_vision_vit as bv
+
+    x = jax.random.normal(KEY, (2, 32, 32, 3))
+    rng = np.random.default_rng(0)
+
+    def init(model):  # random variables without running the initialisers (each a compile, eagerly)
+        shapes = jax.eval_shape(model.init, KEY, x)
+        return jax.tree_util.tree_map(lambda s: jnp.asarray(0.3 * rng.standard_normal(s.shape), s.dtype), shapes)
+
+    net = bv.Model(num_classes=5, width=16, depth=2, mlp_dim=32, num_heads=2, patch_size=(8, 8), pool_type="tok")
+    v = init(net)
+    logits, out = net.apply(v, x)
+    layer = "Transformer/encoderblock_1"
+    _refused(lambda: lj.linen_split(net, layer).features(v, x), "returns a tuple of 2, not one array",
+             "layer_output=lambda out: out[0]")
+    pick = dict(layer_output=lambda o: o[0])
+    unselected = lj.linen_split(net, layer, **pick)
+    _refused(lambda: unselected.head(v, unselected.features(v, x)), "output=lambda out: out[0]", "method=")
+    for split in (lj.linen_split(net, layer, output=lambda o: o[0], train=False, **pick),
+                  lj.linen_split(net, layer, method=lambda m, z: m(z)[0], **pick)):
+        a = split.features(v, x)
+        np.testing.assert_array_equal(a, out["encoder"]["block01"]["+mlp"])  # (B, 1 + 4 x 4 tokens, 16)
+        assert a.shape == (2, 17, 16)
+        np.testing.assert_allclose(split.head(v, a), logits, rtol=1e-5, atol=1e-6)  # the skip check passed
+        b = a + jax.random.normal(KEY, a.shape)  # the head reads its argument, not the recorded activation
+        assert not np.allclose(split.head(v, b), logits, atol=1e-3)
+    earlier = lj.linen_split(net, layer, output=lambda o: o[1]["encoder"]["block00"]["+mlp"], **pick)
+    _refused(lambda: earlier.head(v, earlier.features(v, x)), "around it")  # a value from before the cut
+    computed = lj.linen_split(net, layer, output=lambda o: o[0], layer_output=lambda o: o[0] * 1.0)
+    _refused(lambda: computed.head(v, computed.features(v, x)), "layer_output must return one array")
+
+    scanned = bv.Model(num_classes=5, width=16, depth=2, mlp_dim=32, num_heads=2, patch_size=(8, 8), scan=True)
+    vs = init(scanned)
+    _refused(lambda: lj.linen_split(scanned, "Transformer/encoderblock", output=lambda o: o[0], **pick)
+             .features(vs, x), "Flax transformation", "nn.scan")
