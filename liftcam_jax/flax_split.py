@@ -29,6 +29,12 @@ applied inside the head *before* the skip-connection check: only the selected
 output's dependence on the input counts, so activations from before the cut
 returned beside the logits do not make the cut look bridged. Without a
 selector such a model is a one-line :class:`SplitError` naming ``output=``.
+Likewise a submodule returning more than its activation (big_vision's blocks
+return ``(x, out)``) is given ``layer_output=lambda out: out[0]``.
+
+A cut inside a Flax lifted transformation (``nn.jit``, ``nn.remat``,
+``nn.scan``) is refused in one line: the submodule runs in the
+transformation's own trace, and its value cannot be taken out of it.
 
 The split runs the model as a pure function in evaluation mode. Train mode is
 refused in one line naming the flag to pass: a BatchNorm using batch statistics
@@ -361,7 +367,8 @@ def linen_split(module, layer, method=None, *, output: Optional[Callable] = None
 
         split = lj.linen_split(net, "backbone/stage4", train=False)
         e = lj.explainer(split, "lift-cam")(variables, x)
-        vit = lj.linen_split(big_vision_vit, "Transformer/encoderblock_10", output=lambda out: out[0])
+        vit = lj.linen_split(big_vision_vit, "Transformer/encoderblock_10",  # blocks return (x, out)
+                             layer_output=lambda out: out[0], output=lambda out: out[0])
     """
     import flax.linen as nn
 
