@@ -108,6 +108,32 @@ def test_a_dict_output_and_an_nnx_tuple_name_their_selectors(bv):
     split, state = lj.nnx_split(model, "conv", output=lambda o: o[0])
     np.testing.assert_allclose(split(state, X), model(X)[0], rtol=1e-5, atol=1e-6)
 
+    class Block(nnx.Module):  # returns (x, out) as big_vision's blocks do
+        def __init__(self, rngs):
+            self.conv = nnx.Conv(3, 4, (3, 3), rngs=rngs)
+
+        def __call__(self, x):
+            y = nnx.relu(self.conv(x))
+            return y, {"pre": x, "y": y}
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.block = Block(rngs)
+            self.fc = nnx.Linear(4, 3, rngs=rngs)
+
+        def __call__(self, x):
+            y, out = self.block(x)
+            return self.fc(y.mean((1, 2))) + 0.0 * out["y"].sum()
+
+    net = Net(nnx.Rngs(1))
+    split, state = lj.nnx_split(net, "block")
+    _refused(lambda: split.features(state, X), "layer 'block' returns a tuple of 2", "layer_output=lambda out: out[0]")
+    split, state = lj.nnx_split(net, "block", layer_output=lambda o: o[0])
+    a = split.features(state, X)
+    np.testing.assert_allclose(split.head(state, a), net(X), rtol=1e-5, atol=1e-6)
+    # out["y"] is the picked array itself: replaced with it, so the skip check accepts the cut
+    np.testing.assert_allclose(split.head(state, 2 * a), net.fc((2 * a).mean((1, 2))), rtol=1e-5, atol=1e-6)
+
 
 # ---------------------------------------------------------------------------
 # train mode: linen
