@@ -99,12 +99,15 @@ PRETRAINED: Dict[str, Callable[[], Path]] = {
 
 def random_params(model: StagedModel, seed: int = 0) -> dict:
     """Deterministic random variables, drawn with numpy (no compilation): He-normal
-    convolution kernels, LeCun-normal dense kernels, zero biases, identity BN."""
+    convolution kernels, LeCun-normal dense kernels, zero biases, identity BN and LayerNorm,
+    and N(0, 0.02^2) ViT tokens (``cls_token``, ``dist_token``, ``pos_embed``, as timm's init)."""
     rng = np.random.default_rng(seed)
 
     def draw(path, leaf):
         names = [p.key for p in path]
         shape = tuple(leaf.shape)
+        if names[-1] in ("cls_token", "dist_token", "pos_embed"):
+            return rng.standard_normal(shape, np.float32) * np.float32(0.02)
         if names[-1] == "kernel":
             gain = 2.0 if len(shape) == 4 else 1.0
             std = math.sqrt(gain / math.prod(shape[:-1]))
