@@ -1,5 +1,6 @@
 """The zoo's ViTs without torch: a small ViT against a numpy transcription of the maths, every
-split point, jit/vmap, timm's key names, and loading a timm state dict from a file.
+split point, jit/vmap, ``to_torch``, and loading a timm state dict from a file (timm's key
+names are listed with the other families' in ``test_convert.py``).
 
 The numpy reference (:func:`reference`) is written from the papers' equations (module
 docstring of :mod:`models.vit`), one head and one token at a time where the order matters,
@@ -15,6 +16,7 @@ import pytest
 
 import models
 from liftcam_jax import Classifier
+from liftcam_jax.errors import UsageError
 from models import UnknownLayerError
 from models.checkpoints import save_safetensors
 from models.convert import from_torch, to_torch, torch_keys, variable_shapes
@@ -144,6 +146,12 @@ def test_zoo_vits_layers_tokens_and_preprocessing(name):
         assert jax.eval_shape(split.head, shapes, a).shape == (1, 1000)
 
 
+def test_no_bundled_vit_weights_says_which_timm_file_to_download():
+    with pytest.raises(UsageError, match=r"huggingface\.co/timm/deit_tiny_distilled_patch16_224\.fb_in1k.*"
+                                         r"--weights PATH.*--weights random"):
+        models.load("deit_tiny_distilled_patch16_224")
+
+
 def test_unknown_split_points_are_named():
     m = models.get("vit_tiny_patch16_224")
     with pytest.raises(UnknownLayerError, match=r"'blocks.11.norm3'.*blocks\.11\.norm1, blocks\.11\.norm2, "
@@ -218,35 +226,6 @@ def test_splits_jit_and_vmap_with_params_as_arguments():
 
 
 # -- timm's state dicts ----------------------------------------------------------------------
-
-# timm 1.0's key names and shapes, written out by hand (independent of the converter's listing)
-TIMM_KEYS = {
-    "vit_tiny_patch16_224": {
-        "cls_token": (1, 1, 192), "pos_embed": (1, 197, 192),
-        "patch_embed.proj.weight": (192, 3, 16, 16), "patch_embed.proj.bias": (192,),
-        "blocks.0.norm1.weight": (192,), "blocks.0.attn.qkv.weight": (576, 192),
-        "blocks.0.attn.qkv.bias": (576,), "blocks.5.attn.proj.weight": (192, 192),
-        "blocks.11.norm2.bias": (192,), "blocks.11.mlp.fc1.weight": (768, 192),
-        "blocks.11.mlp.fc2.weight": (192, 768), "norm.weight": (192,), "head.weight": (1000, 192),
-        "head.bias": (1000,),
-    },
-    "deit_tiny_distilled_patch16_224": {
-        "cls_token": (1, 1, 192), "dist_token": (1, 1, 192), "pos_embed": (1, 198, 192),
-        "head.weight": (1000, 192), "head_dist.weight": (1000, 192), "head_dist.bias": (1000,),
-    },
-}
-# 4 embedding tensors (+1 dist_token), 12 per block, norm's 2, head's 2 (+2 head_dist)
-KEY_COUNTS = {"vit_tiny_patch16_224": 4 + 12 * 12 + 2 + 2, "deit_tiny_distilled_patch16_224": 5 + 12 * 12 + 2 + 4}
-
-
-@pytest.mark.parametrize("name", sorted(TIMM_KEYS))
-def test_timm_key_names(name):
-    keys = torch_keys(models.get(name))
-    assert len(keys) == KEY_COUNTS[name]
-    for k, shape in TIMM_KEYS[name].items():
-        assert keys[k][1] == shape, k
-    assert ("dist_token" in keys) == name.startswith("deit")
-
 
 @pytest.mark.parametrize("name", sorted(TINY))
 def test_to_torch_inverts_from_torch(name):
