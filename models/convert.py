@@ -118,8 +118,9 @@ _SHAPES: dict = {}
 
 
 def variable_shapes(model: StagedModel):
-    """The model's variable tree with ``jax.ShapeDtypeStruct`` leaves (no computation)."""
-    k = (model.name, model.num_classes, model.preprocess.size)
+    """The model's variable tree with ``jax.ShapeDtypeStruct`` leaves (no computation), cached
+    by the model's stages (their modules' ``repr`` lists every configuration field)."""
+    k = (model.name, model.num_classes, model.preprocess.size, repr(model.stages))
     if k not in _SHAPES:
         _SHAPES[k] = jax.eval_shape(model.init, jax.random.PRNGKey(0))
     return _SHAPES[k]

@@ -204,8 +204,8 @@ def vision_transformer(name: str, cfg: ViTConfig, num_classes: int = 1000,
                        preprocess: Preprocess | None = None) -> StagedModel:
     """The staged ViT of ``cfg`` (any size: the zoo's, or a small one for tests).
 
-    ``name`` names the model (it must start with ``vit`` or ``deit`` for
-    :mod:`models.convert`, and be unique per configuration: shapes are cached by name)."""
+    ``name`` names the model; it starts with ``vit`` or ``deit`` for :mod:`models.convert`
+    to read timm's key names."""
     if cfg.width % cfg.heads or cfg.size % cfg.patch:
         raise ValueError(f"{name}: width {cfg.width} must divide into {cfg.heads} heads and "
                          f"size {cfg.size} into {cfg.patch}-pixel patches")
