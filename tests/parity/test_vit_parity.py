@@ -207,6 +207,29 @@ def grad_cam_vit(tmp_path_factory, randomize):
     return weights, x, targets, logits, ref
 
 
+def test_grad_cam_by_hand_on_the_zoo_split_is_pytorch_grad_cams(grad_cam_vit):
+    """The zoo's ``blocks.10`` split carries timm's activations and gradients: Grad-CAM written
+    out on it (gradients averaged over the 14 x 14 patch tokens only, as pytorch-grad-cam's
+    ``reshape_transform`` drops the class token first; map on the grid; the library's one
+    upsampling and normalisation) gives pytorch-grad-cam's maps. With the class token's gradient
+    in the average the maps are others: the token layout decides the result."""
+    from liftcam_jax.explanation import Attribution, from_attribution
+
+    weights, x, targets, logits, ref = grad_cam_vit
+    clf = models.load("vit_tiny_patch16_224", weights=weights, layer="blocks.10")
+    split, p = clf.split, clf.params
+    a = split.features(p, jnp.asarray(x))
+    t = jnp.asarray(targets)
+    grads = jax.grad(lambda a: jnp.sum(split.head(p, a)[jnp.arange(len(targets)), t]))(a)
+    grid = a[:, 1:].reshape(len(x), 14, 14, a.shape[-1])
+    errors = {}
+    for name, w in (("grid", grads[:, 1:].mean(1)), ("all tokens", grads.mean(1))):
+        e = from_attribution(grid, Attribution(w), (224, 224), split.head(p, a), t)
+        errors[name] = float(np.abs(np.asarray(e.maps) - ref).max())
+    print(f"\nvit_tiny blocks.10 grad-cam by hand: max abs error {errors}")
+    assert errors["grid"] < 1e-3 and errors["all tokens"] > 0.1
+
+
 @TOKENS
 def test_grad_cam_on_vit_tiny_at_blocks_10_is_pytorch_grad_cams(grad_cam_vit):
     weights, x, targets, logits, ref = grad_cam_vit
