@@ -18,6 +18,8 @@ from .resnet import CONFIGS as _RESNETS
 from .resnet import resnet
 from .vgg import CONFIGS as _VGGS
 from .vgg import vgg
+from .vit import CONFIGS as _VITS
+from .vit import vit
 
 __all__ = ["get", "names"]
 
@@ -26,6 +28,7 @@ _BUILDERS.update({n: resnet for n in _RESNETS})
 for _n in _VGGS:
     _BUILDERS[_n] = _BUILDERS[f"{_n}_bn"] = vgg
 _BUILDERS.update({n: efficientnet_lite for n in _LITE})
+_BUILDERS.update({n: vit for n in _VITS})
 
 
 def names() -> List[str]:

@@ -97,6 +97,11 @@ class StagedModel:
     ``aliases`` maps friendly split names (e.g. ``"layer3"``) to stage names
     (e.g. ``"layer3.5"``, the last block of layer3). ``default_layer`` is the
     LIFT-CAM authors' split for the family.
+
+    ``tokens``: for a model whose activations are tokens ``(B, N, D)`` at every split (the
+    ViTs), their layout ``(prefix, (h, w))``: ``prefix`` tokens (class, distillation) first,
+    then an ``h x w`` patch grid in row-major order, ``N = prefix + h w``; ``None`` for models
+    with ``(B, h, w, C)`` activations.
     """
 
     name: str
@@ -105,6 +110,7 @@ class StagedModel:
     preprocess: Preprocess
     aliases: Mapping[str, str] = dataclasses.field(default_factory=dict)
     num_classes: int = 1000
+    tokens: Optional[Tuple[int, Tuple[int, int]]] = None
 
     # -- names -----------------------------------------------------------
     @property

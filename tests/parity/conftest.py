@@ -2,9 +2,10 @@
 
 * ``relative_error(ours, theirs) = max|ours - theirs| / max|theirs|`` (one tensor);
 * ``randomize_torch_model(model, seed)``: random biases (N(0, 0.1)) on every
-  conv/linear with a bias, and random BatchNorm weight (N(1, 0.2)), bias
-  (N(0, 0.1)), running mean (N(0, 0.1)) and running variance (U(0.5, 1.5)), so
-  that no layer is an identity by accident;
+  conv/linear with a bias, random BatchNorm weight (N(1, 0.2)), bias
+  (N(0, 0.1)), running mean (N(0, 0.1)) and running variance (U(0.5, 1.5)), and
+  random LayerNorm weight (N(1, 0.2)) and bias (N(0, 0.1)), so that no layer is
+  an identity by accident;
 * fixture ``torchvision_pair(name, seed=0) -> (torch_model, params)``: a
   random-weight torchvision model (``eval()``, randomised as above) and the same
   weights converted by ``models.convert.from_torch`` for ``models.get(name)``;
@@ -34,7 +35,8 @@ def relative_error(ours, theirs) -> float:
 
 
 def randomize_torch_model(model, seed: int = 0):
-    """Random biases and BatchNorm statistics/affine parameters, in place; returns ``model``."""
+    """Random biases, BatchNorm statistics/affine parameters and LayerNorm affine parameters, in
+    place; returns ``model``."""
     gen = torch.Generator().manual_seed(seed)
 
     def fill(t, kind, a, b):
@@ -49,6 +51,9 @@ def randomize_torch_model(model, seed: int = 0):
                 fill(m.bias, "normal", 0.0, 0.1)
                 fill(m.running_mean, "normal", 0.0, 0.1)
                 fill(m.running_var, "uniform", 0.5, 1.5)
+            elif isinstance(m, torch.nn.LayerNorm) and m.elementwise_affine:
+                fill(m.weight, "normal", 1.0, 0.2)
+                fill(m.bias, "normal", 0.0, 0.1)
             elif isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) and m.bias is not None:
                 fill(m.bias, "normal", 0.0, 0.1)
     return model
