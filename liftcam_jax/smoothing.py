@@ -202,3 +202,51 @@ def explain_smoothed(splits: Union[Split, Sequence[Split]], params, x, targets=N
     refs = None if e.reference_logits is None else per_augmentation(e.reference_logits, False)
     return Explanation(maps, per_augmentation(e.raw, True), per_augmentation(e.coefficients, False), logits,
                        targets, refs)
+
+
+@dataclasses.dataclass(frozen=True)
+class Smoothing:
+    """What a dataset run (``liftcam-jax explain``) smooths and fuses, beside the method.
+
+    ``layers``: extra ``(name, split)`` pairs of the same model, fused after the
+    run's own split (the CLI's ``--layer a,b``: the classifier's split at ``a``,
+    then ``("b", split_b)``); ``fusion``: ``"mean"`` or ``"max"``.
+    """
+
+    aug_smooth: bool = False
+    eigen_smooth: bool = False
+    fusion: str = "mean"
+    layers: Tuple[Tuple[str, Split], ...] = ()
+
+    def __post_init__(self):
+        if self.fusion not in FUSIONS:
+            raise UsageError(f"unknown fusion {self.fusion!r}; valid: {', '.join(FUSIONS)}")
+
+    @property
+    def active(self) -> bool:
+        return bool(self.aug_smooth or self.eigen_smooth or self.layers)
+
+    def explain(self, split: Split, params, x, targets=None, *, method, key=None, **options) -> Explanation:
+        """:func:`explain_smoothed` of ``split`` followed by :attr:`layers`."""
+        return explain_smoothed((split,) + tuple(s for _, s in self.layers), params, x, targets, method=method,
+                                aug_smooth=self.aug_smooth, eigen_smooth=self.eigen_smooth, fusion=self.fusion,
+                                key=key, **options)
+
+    def identity(self, layer: str) -> dict:
+        """For ``run.json``: the flags and the fused layers (``layer`` is the run's own)."""
+        return {"aug_smooth": self.aug_smooth, "eigen_smooth": self.eigen_smooth,
+                "layers": [layer] + [n for n, _ in self.layers], "fusion": self.fusion if self.layers else None}
+
+    def layout(self, layer: str) -> dict:
+        """What one image's ``raw`` and ``coefficients`` hold, for its ``.npz``: ``raw_axes`` and
+        ``coefficients_axes`` (comma-separated axis names), ``layers`` (fused layer names, when
+        fused) and ``augmentations`` (``(T, 2)``: flip 0/1, factor; under aug_smooth)."""
+        aug = ["augmentation"] if self.aug_smooth else []
+        fused = bool(self.layers)
+        out = {"raw_axes": ",".join(aug + (["layer", "H", "W"] if fused else ["h", "w"])),
+               "coefficients_axes": ",".join(aug + ["channel of the layers, concatenated" if fused else "channel"])}
+        if fused:
+            out["layers"] = [layer] + [n for n, _ in self.layers]
+        if self.aug_smooth:
+            out["augmentations"] = [[float(f), s] for f, s in AUGMENTATIONS]
+        return out
