@@ -85,10 +85,14 @@ from .methods import Method
 from .methods.cams import eigen_direction
 from .model import Split
 
+__all__ = ["AUGMENTATIONS", "FUSIONS", "Smoothing", "augment", "eigen_smooth_attribution", "eigen_smoothed",
+           "explain_smoothed", "fuse_maps"]
+
 #: pytorch-grad-cam's default test-time augmentations, ``(flip, factor)`` in ``ttach.Compose``'s order:
 #: ``itertools.product([HorizontalFlip: False, True], [Multiply: 0.9, 1, 1.1])``.
 AUGMENTATIONS: Tuple[Tuple[bool, float], ...] = tuple(itertools.product((False, True), (0.9, 1.0, 1.1)))
 
+#: the layer fusions: pytorch-grad-cam's mean, and the pixel-wise maximum
 FUSIONS = ("mean", "max")
 
 

@@ -61,7 +61,7 @@ import math
 import os
 import sys
 import time
-from typing import TYPE_CHECKING, Dict, List, NamedTuple, Optional, Sequence, Union
+from typing import Dict, List, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 
@@ -69,12 +69,10 @@ from .. import distributed, files
 from .. import methods as _methods
 from ..data import DataOptions, Item, ItemError, Source, open_inputs
 from ..errors import LiftcamError, UsageError, positive_int
+from ..smoothing import Smoothing
 from .folder import RunFolder, status
 from .loop import (Entry, Meta, Progress, compiled_step, configure, label_class, label_classes,
                    num_classes, padded_size, process_share, run_loop)
-
-if TYPE_CHECKING:  # the smoothing module imports JAX; this module does so only when it runs
-    from ..smoothing import Smoothing
 
 __all__ = ["RunConfig", "RunSummary", "output_paths", "run"]
 
