@@ -169,7 +169,8 @@ def explain_smoothed(splits: Union[Split, Sequence[Split]], params, x, targets=N
     """Explain with aug_smooth, eigen_smooth and/or the fusion of several splits of one model.
 
     ``splits``: one :class:`~liftcam_jax.model.Split` or a sequence of splits of the
-    same model (the same ``params``; e.g. ``[model.split("layer3"), model.split("layer4")]``).
+    same model (the same ``params``; e.g. ``[net.split("layer3"), net.split("layer4")]`` for
+    ``net = models.get("resnet50")``, the zoo's splits per layer name).
     ``fusion``: ``"mean"`` (pytorch-grad-cam's) or ``"max"``. The rest as
     :func:`liftcam_jax.explain`. What ``maps``, ``raw`` and ``coefficients`` hold under
     each option is in the module docstring. Pure and jit-able (``splits``, ``method``
@@ -181,7 +182,7 @@ def explain_smoothed(splits: Union[Split, Sequence[Split]], params, x, targets=N
     if fusion not in FUSIONS:
         raise UsageError(f"unknown fusion {fusion!r}; valid: {', '.join(FUSIONS)}")
     method = eigen_smoothed(method) if eigen_smooth else _methods.resolve(method)
-    if _methods.resolve(method).needs_key and key is None:
+    if method.needs_key and key is None:
         key = jax.random.PRNGKey(0)
     if not aug_smooth:
         return _fused(splits, params, x, targets, method, key, fusion, options)
