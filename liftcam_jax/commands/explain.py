@@ -26,6 +26,8 @@ from __future__ import annotations
 import argparse
 
 from .. import methods as _methods
+from ..errors import UsageError
+from ..smoothing import FUSIONS
 from ._args import (add_distributed_arguments, add_model_arguments, add_tfds_arguments, data_options, default_out,
                     join_cluster, load_model, positive_int)
 
@@ -37,6 +39,18 @@ def _target(text: str):
         return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"bad target {text!r}; use 'auto', 'label' or a class index") from None
+
+
+def _layers(text):
+    """``--layer``: ``None`` (the model's default), one layer, or ``a,b,...`` (layer fusion)."""
+    if text is None:
+        return []
+    names = [p.strip() for p in str(text).split(",")]
+    if not all(names):
+        raise UsageError(f"bad --layer {text!r}: write one layer name or a comma-separated list (a,b)")
+    if len(set(names)) != len(names):
+        raise UsageError(f"--layer {text!r} names a layer twice")
+    return names
 
 
 def add_arguments(parser):
@@ -62,6 +76,14 @@ def add_arguments(parser):
     parser.add_argument("--alpha", type=float, default=0.5, help="heat-map weight in the overlays (default 0.5)")
     parser.add_argument("--cmap", default="jet", help="overlay colormap: jet, hot or gray (default jet)")
     parser.add_argument("--seed", type=int, default=0, help="PRNG seed for randomised methods (default 0)")
+    parser.add_argument("--aug-smooth", action="store_true",
+                        help="test-time augmentation as pytorch-grad-cam: the mean of the maps of the input "
+                             "flipped or not, times 0.9, 1 and 1.1 (six passes; raw and coefficients per pass)")
+    parser.add_argument("--eigen-smooth", action="store_true",
+                        help="the map is the first principal component of the weighted activations "
+                             "(pytorch-grad-cam's eigen_smooth)")
+    parser.add_argument("--fusion", choices=FUSIONS, default="mean",
+                        help="how --layer a,b fuses the layers' maps (default mean, as pytorch-grad-cam)")
     add_distributed_arguments(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
 
@@ -70,8 +92,21 @@ def run(args, zoo) -> int:
     from ..runs.explain import run as explain_run
 
     method = _methods.get(args.method)  # a bad name fails before the model loads; resolved once
+    layers = _layers(args.layer)
+    if args.eigen_smooth:
+        from ..smoothing import eigen_smoothed
+
+        eigen_smoothed(method)  # eigen-cam: a usage error before the model loads
     join_cluster(args)  # several hosts: before JAX starts its backend
-    classifier = load_model(zoo, args)
+    classifier = load_model(zoo, argparse.Namespace(**{**vars(args), "layer": layers[0] if layers else None}))
+    smoothing = None
+    if args.aug_smooth or args.eigen_smooth or len(layers) > 1:
+        from ..smoothing import Smoothing
+
+        # the other layers' splits of the same model (its weights are read once per layer; the first's are used)
+        extra = tuple((name, load_model(zoo, argparse.Namespace(**{**vars(args), "layer": name})).split)
+                      for name in layers[1:])
+        smoothing = Smoothing(args.aug_smooth, args.eigen_smooth, args.fusion, extra)
     summary = explain_run(
         classifier,
         args.inputs,
@@ -88,5 +123,6 @@ def run(args, zoo) -> int:
         seed=args.seed,
         data=data_options(args),
         run_info={"weights": args.weights or "default"},
+        smoothing=smoothing,
     )
     return 1 if summary.failed else 0

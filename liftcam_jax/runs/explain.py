@@ -36,7 +36,10 @@ whichever host (or host count) did it; :func:`status` merges them.
 **Outputs** (``out_dir/<item id>.npz`` and/or ``.png``; ids in
 :mod:`liftcam_jax.data`): the ``.npz`` holds ``map`` ``(H, W)`` in [0, 1],
 ``raw`` ``(h, w)``, ``coefficients`` ``(K,)``, ``logits`` ``(C,)``,
-``target``, ``predicted``, for methods with one ``reference_logits``, and
+``target``, ``predicted``, for methods with one ``reference_logits``, under
+smoothing or layer fusion ``raw_axes``, ``coefficients_axes`` (what ``raw`` and
+``coefficients`` hold), ``layers`` and ``augmentations``
+(:meth:`liftcam_jax.smoothing.Smoothing.layout`), and
 for labelled inputs (TFDS ``ClassLabel``) the dataset's ``label`` and ``label_name``;
 the ``.png`` is the map over the image the model saw (the resized input; for
 ``.npy`` inputs the input de-normalised). ``manifest.jsonl`` has one JSON line
@@ -66,6 +69,7 @@ from .. import distributed, files
 from .. import methods as _methods
 from ..data import DataOptions, Item, ItemError, Source, open_inputs
 from ..errors import LiftcamError, UsageError, positive_int
+from ..smoothing import Smoothing
 from .folder import RunFolder, status
 from .loop import (Entry, Meta, Progress, compiled_step, configure, label_class, label_classes,
                    num_classes, padded_size, process_share, run_loop)
@@ -134,7 +138,9 @@ class RunConfig:
     and batches read ahead; devices: default ``jax.local_devices()``;
     process_index/process_count: this host's share (default JAX's); alpha/cmap:
     overlays; data: how ``tfds:`` inputs are found and labelled (:class:`DataOptions`);
-    run_info: extra identity stored in ``run.json`` (e.g. the weights).
+    run_info: extra identity stored in ``run.json`` (e.g. the weights); smoothing: aug/eigen
+    smoothing and layer fusion (:class:`liftcam_jax.smoothing.Smoothing`; each ``.npz`` then
+    says what its ``raw`` and ``coefficients`` hold: ``raw_axes``, ``coefficients_axes``).
     """
 
     method: Union[str, _methods.Method] = "lift-cam"
@@ -154,6 +160,7 @@ class RunConfig:
     cmap: str = "jet"
     data: DataOptions = DataOptions()
     run_info: Optional[dict] = None
+    smoothing: Optional[Smoothing] = None
 
 
 class _Plan(NamedTuple):
@@ -267,6 +274,8 @@ def _identity(classifier, cfg: RunConfig, method: _methods.Method, target) -> di
     if target == "label":
         lm = cfg.data.label_map
         identity["label_map"] = lm if lm is None or isinstance(lm, str) else repr(lm)
+    if cfg.smoothing is not None and cfg.smoothing.active:
+        identity["smoothing"] = cfg.smoothing.identity(classifier.layer)
     identity.update(cfg.run_info or {})
     return identity
 
@@ -281,7 +290,9 @@ class _Writer:
         self.jax, self.c, self.cfg, self.plan, self.target = jax, classifier, cfg, plan, plan.target
         self.folder, self.progress, self.summary = folder, progress, summary
         self.step, self.data, repl = compiled_step(classifier.split, plan.method, dict(cfg.options or {}),
-                                                   plan.devices)
+                                                   plan.devices, cfg.smoothing)
+        active = cfg.smoothing is not None and cfg.smoothing.active
+        self.layout = cfg.smoothing.layout(classifier.layer) if active else {}
         self.params = jax.device_put(classifier.params, repl)
         self.base_key = jax.random.PRNGKey(cfg.seed) if plan.method.needs_key else None
 
@@ -378,6 +389,7 @@ class _Writer:
                 else np.asarray(host.reference_logits[i], np.float32),
                 label=None if e.meta.label is None else np.int64(e.meta.label),
                 label_name=None if e.meta.label_name is None else np.str_(e.meta.label_name),
+                **self.layout,
             )
         else:
             base = e.shown if e.shown is not None else self.c.preprocess.denormalize(e.x)

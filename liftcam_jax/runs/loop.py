@@ -21,6 +21,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures as futures
 import dataclasses
+import functools
 import os
 import queue
 import threading
@@ -135,19 +136,20 @@ class _Step:
 _STEPS: Dict[Any, Any] = {}
 
 
-def compiled_step(split, method, options: dict, devices: tuple):
+def compiled_step(split, method, options: dict, devices: tuple, smoothing=None):
     """``(step, data, replicated)``: the jitted ``step(params, x, targets, key) -> Explanation``
     with batch-sharded outputs over ``devices``, and the input and parameter shardings (cached).
 
-    ``method`` is a registered :class:`~liftcam_jax.methods.Method`, ``options`` its options.
+    ``method`` is a registered :class:`~liftcam_jax.methods.Method`, ``options`` its options;
+    ``smoothing``: a :class:`liftcam_jax.smoothing.Smoothing` (aug/eigen smoothing, layer fusion) or ``None``.
     """
     import jax
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-    from ..explain import explain
+    from ..explain import explain as _explain
 
     try:
-        cache_key = (split, method, tuple(sorted(options.items())), devices)
+        cache_key = (split, method, tuple(sorted(options.items())), devices, smoothing)
         hash(cache_key)
     except TypeError:
         cache_key = None
@@ -157,8 +159,13 @@ def compiled_step(split, method, options: dict, devices: tuple):
     data = NamedSharding(mesh, P("batch"))
     repl = NamedSharding(mesh, P())
 
+    if smoothing is not None and smoothing.active:
+        explain = functools.partial(smoothing.explain, split)
+    else:
+        explain = functools.partial(_explain, split)
+
     def step(params, x, targets, key):
-        return explain(split, params, x, targets, method=method, key=key, **options)
+        return explain(params, x, targets, method=method, key=key, **options)
 
     entry = (_Step(jax.jit(step, out_shardings=data)), data, repl)
     if cache_key is not None:

@@ -44,7 +44,7 @@ import liftcam_jax as lj  # noqa: E402
 import models  # noqa: E402
 from liftcam_jax.explanation import Attribution, from_attribution, normalize  # noqa: E402
 from pytorch_grad_cam.ablation_layer import AblationLayer  # noqa: E402
-from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget  # noqa: E402
+from pytorch_grad_cam.utils.model_targets import ClassifierOutputReST, ClassifierOutputTarget  # noqa: E402
 from pytorch_grad_cam.utils.svd_on_activations import get_2d_projection  # noqa: E402
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -124,9 +124,9 @@ def mixed_targets(logits):
     return [int(order[i, -1 - (i % 2)]) for i in range(logits.shape[0])]
 
 
-def reference(cam_class, model, layer, x, targets, **kwargs):
+def reference(cam_class, model, layer, x, targets, target_class=ClassifierOutputTarget, **kwargs):
     with cam_class(model=model, target_layers=[layer], **kwargs) as cam:
-        return cam(input_tensor=x, targets=[ClassifierOutputTarget(t) for t in targets])
+        return cam(input_tensor=x, targets=[target_class(t) for t in targets])
 
 
 @pytest.fixture(scope="module", params=["vgg16", "resnet50"])
@@ -167,6 +167,20 @@ def test_gradient_methods_and_eigen_cam(pair, batch224, method):
     err = np.abs(maps - ref).max()
     print(f"\nparity {pair.flax.name} {method}: max abs error {err:.2e}")
     assert err < TOL, f"{method}: max abs error {err:.2e}"
+
+
+def test_shapley_cam_rest(pair, batch224):
+    """ShapleyCAM with pytorch-grad-cam's ReST target (logit minus cross-entropy): ``score="rest"``.
+    The zoo's heads are piecewise linear, so the Hessian term is the log-sum-exp's alone. (With the
+    logit the term is zero and ShapleyCAM is Grad-CAM, tested above; about 20 s per model here, so
+    the logit score is tested on the tiny net of test_shapley_cam_parity.py only.)"""
+    x, targets = batch224
+    ref = reference(pgc.ShapleyCAM, pair.torch, pair.layer, to_torch(x), targets, ClassifierOutputReST)
+    assert np.all(ref.max(axis=(1, 2)) > 0.99)
+    e = lj.explain(pair.split, pair.params, jnp.asarray(x), jnp.asarray(targets), method="shapley-cam", score="rest")
+    err = np.abs(np.asarray(e.maps) - ref).max()
+    print(f"\nparity {pair.flax.name} shapley-cam score=rest: max abs error {err:.2e}")
+    assert err < TOL, f"shapley-cam rest: max abs error {err:.2e}"
 
 
 @pytest.fixture(scope="module")
