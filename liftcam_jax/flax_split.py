@@ -161,7 +161,7 @@ def _check_separates(run_head, params, spec, a, name):
 
 def linen_split(module, layer, method=None, *, call_index: Optional[int] = None,
                 input_shape: Optional[Sequence[int]] = None, input_dtype=jnp.float32,
-                **apply_kwargs) -> Split:
+                tokens=None, **apply_kwargs) -> Split:
     """Split a ``flax.linen`` module at the output of the submodule at path ``layer``.
 
     Args:
@@ -175,6 +175,8 @@ def linen_split(module, layer, method=None, *, call_index: Optional[int] = None,
       call_index: which call of a submodule called several times.
       input_shape: the per-image input shape; default: remembered from
         ``features``.
+      tokens: for ``(B, N, D)`` token outputs, their
+        :class:`~liftcam_jax.tokens.TokenLayout` (default: inferred).
       **apply_kwargs: passed to ``module.apply`` (e.g. ``train=False``).
 
     Example::
@@ -193,7 +195,7 @@ def linen_split(module, layer, method=None, *, call_index: Optional[int] = None,
         with nn.intercept_methods(interceptor):
             return module.apply(variables, x, method=method, **apply_kwargs)
 
-    return _split(run, layer, call_index, input_shape, input_dtype)
+    return _split(run, layer, call_index, input_shape, input_dtype)._replace(tokens=tokens)
 
 
 # ---------------------------------------------------------------------------
@@ -202,7 +204,7 @@ def linen_split(module, layer, method=None, *, call_index: Optional[int] = None,
 
 def nnx_split(model, layer, *, call_index: Optional[int] = None,
               input_shape: Optional[Sequence[int]] = None, input_dtype=jnp.float32,
-              **call_kwargs):
+              tokens=None, **call_kwargs):
     """Split a ``flax.nnx`` module at the output of the submodule at path ``layer``.
 
     Returns ``(split, state)``: ``state`` (``nnx.split(model)``'s state: the
@@ -211,6 +213,8 @@ def nnx_split(model, layer, *, call_index: Optional[int] = None,
     ``layer`` is an attribute path (``"backbone/stage4"``, list items by index:
     ``"blocks/3"``); an unknown one is a :class:`SplitError` listing the valid
     ones. Put the model in evaluation mode first (``model.eval()``).
+    ``tokens``: for ``(B, N, D)`` token outputs, their
+    :class:`~liftcam_jax.tokens.TokenLayout` (default: inferred).
     ``call_kwargs`` are passed to the model's ``__call__``.
 
     Example::
@@ -238,4 +242,4 @@ def nnx_split(model, layer, *, call_index: Optional[int] = None,
                 break
         return m(x, **call_kwargs)
 
-    return _split(run, layer, call_index, input_shape, input_dtype), state
+    return _split(run, layer, call_index, input_shape, input_dtype)._replace(tokens=tokens), state
