@@ -50,6 +50,9 @@ from .errors import UsageError
 
 Array = Any
 
+__all__ = ["MAX_PREFIX", "TokenLayout", "grid_view", "infer_layout", "method_inputs", "parse_layout",
+           "position_axes", "prefix_share", "resolve", "to_grid"]
+
 MAX_PREFIX = 32
 """The most prefix tokens :func:`infer_layout` considers (class, distillation and register tokens)."""
 
@@ -125,10 +128,11 @@ def resolve(activations, size, tokens=None) -> Optional[TokenLayout]:
     shape = _shape(activations)
     if len(shape) == 4 and tokens is None:
         return None
+    if len(shape) == 4:
+        raise UsageError(f"tokens={tokens!r} given, but the activations at the split are (B, h, w, K) maps of shape "
+                         f"{shape}; tokens=lj.TokenLayout(...) (--tokens P,hxw in the CLI) is for (B, N, D) tokens")
     if len(shape) != 3:
-        what = "maps" if len(shape) == 4 else "activations"
-        extra = f" (tokens={tokens!r} given)" if tokens is not None else ""
-        raise UsageError(f"{what} of shape {shape} at the split{extra}: expected (B, h, w, K) maps, or (B, N, D) "
+        raise UsageError(f"activations of shape {shape} at the split: expected (B, h, w, K) maps, or (B, N, D) "
                          f"tokens with {OPTION}")
     if tokens is not None:
         layout = _check(tokens)

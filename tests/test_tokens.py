@@ -248,14 +248,19 @@ def test_eigen_and_score_cam_see_the_grid_and_ablation_ablates_every_token(mixed
         np.testing.assert_allclose(abl.coefficients[:, k], (y - yk) / y, rtol=1e-9)
 
 
-def test_cam_on_tokens_needs_a_head_pooling_the_grid_tokens():
-    net, v, x = _vit("mean")
-    split = _split(net)
-    e = lj.explain(split, v, x, jnp.asarray([0, 4]), method="cam")
-    g = lj.explain(split, v, x, jnp.asarray([0, 4]), method="grad-cam")
-    np.testing.assert_allclose(e.maps, g.maps, atol=1e-9)
-    net, v, x = _vit("cls")
-    _one_line_usage(lambda: lj.explain(_split(net), v, x, method="cam"), "class token")
+def test_cam_on_tokens_needs_a_head_pooling_the_grid_tokens(mixed):
+    net, v, x = mixed
+    a = _split(net).features(v, x)
+    w = jnp.asarray(np.random.default_rng(2).standard_normal((D, CLASSES)))
+    features = lambda p, z: a
+    mean = lj.Split(features, lambda p, t: jnp.mean(t[:, 1:], axis=1) @ p)  # GAP over the grid tokens + Linear
+    e = lj.explain(mean, w, x, jnp.asarray([0, 4]), method="cam")
+    np.testing.assert_allclose(e.coefficients, w[:, jnp.asarray([0, 4])].T, rtol=1e-12)  # w_ck, the class weights
+    np.testing.assert_allclose(e.maps, lj.explain(mean, w, x, jnp.asarray([0, 4]), method="grad-cam").maps, atol=1e-9)
+    every = lj.Split(features, lambda p, t: jnp.mean(t, axis=1) @ p)  # GAP over all tokens: the same map
+    np.testing.assert_allclose(lj.explain(every, w, x, jnp.asarray([0, 4]), method="cam").maps, e.maps, atol=1e-9)
+    cls = lj.Split(features, lambda p, t: t[:, 0] @ p)
+    _one_line_usage(lambda: lj.explain(cls, w, x, method="cam"), "class token")
 
 
 def test_the_other_methods_run_on_tokens(mixed):
@@ -266,7 +271,9 @@ def test_the_other_methods_run_on_tokens(mixed):
     zero = lj.explain(split, v, x, t, method="deeplift-shap-cam", references=jnp.zeros((1, 17, D)))
     np.testing.assert_allclose(zero.coefficients, lift.coefficients, rtol=1e-12)
     np.testing.assert_allclose(zero.prefix_coefficients, lift.prefix_coefficients, rtol=1e-12)
-    for method, kw in (("grad-cam++", {}), ("lime-cam", {"num_samples": 16}), ("deeplift-shap-cam", {})):
+    a = split.features(v, x)
+    refs = jnp.stack([jnp.zeros_like(a), 0.5 * a])  # (R, B, N, D)
+    for method, kw in (("grad-cam++", {}), ("lime-cam", {"num_samples": 16}), ("deeplift-shap-cam", {"references": refs})):
         e = lj.explain(split, v, x, t, method=method, **kw)
         assert e.maps.shape == (2, SIZE, SIZE) and bool(jnp.all(jnp.isfinite(e.maps))), method
         assert e.coefficients.shape == (2, D)

@@ -266,7 +266,7 @@ def _identity(classifier, cfg: RunConfig, method: _methods.Method, target) -> di
         "options": {k: repr(v) for k, v in sorted((cfg.options or {}).items())},
         "input_size": int(classifier.preprocess.size),
     }
-    if getattr(classifier.split, "tokens", None) is not None:  # --tokens: an explicit token layout
+    if classifier.split.tokens is not None:  # --tokens: an explicit token layout
         identity["tokens"] = str(classifier.split.tokens)
     if target == "label":
         lm = cfg.data.label_map
