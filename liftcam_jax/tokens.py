@@ -64,13 +64,12 @@ In every case the one map assembly
 from __future__ import annotations
 
 import re
-from typing import Any, NamedTuple, Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import jax.numpy as jnp
 
 from .errors import UsageError
 
-Array = Any
 
 __all__ = ["MAX_PREFIX", "TokenLayout", "grid_view", "infer_layout", "method_inputs", "parse_layout",
            "position_axes", "prefix_share", "resolve", "to_grid"]

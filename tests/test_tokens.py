@@ -22,7 +22,6 @@ import pytest
 import liftcam_jax as lj
 from liftcam_jax import tokens as T
 from liftcam_jax.errors import UsageError
-from liftcam_jax.methods.cams import grad_cam
 from liftcam_jax.methods.perturbation import score_cam
 from liftcam_jax.model import Classifier, Preprocess
 
