@@ -30,6 +30,7 @@ import jax.numpy as jnp
 
 from liftcam_jax.errors import UsageError
 from liftcam_jax.model import Preprocess, Split
+from liftcam_jax.tokens import TokenLayout
 
 
 class UnknownLayerError(UsageError):
@@ -201,4 +202,4 @@ class StagedModel:
 
         features.__name__ = f"{self.name}_features_to_{canonical}"
         head.__name__ = f"{self.name}_head_from_{canonical}"
-        return Split(features, head)
+        return Split(features, head, None if self.tokens is None else TokenLayout(*self.tokens))

@@ -174,11 +174,6 @@ def test_preprocessing_is_timms_eval_transform(name):
 
 # -- Grad-CAM on a ViT: the library's token maps against pytorch-grad-cam -----------------------
 
-TOKENS = pytest.mark.skipif(
-    not hasattr(lj, "TokenLayout"),
-    reason="token activations (B, N, D) are not on this branch yet (issue 24 item 1: lj.TokenLayout)")
-
-
 @pytest.fixture(scope="module")
 def grad_cam_vit(tmp_path_factory, randomize):
     """vit_tiny (timm, random weights, logits rescaled to standard deviation 8), a timm state dict
@@ -230,7 +225,6 @@ def test_grad_cam_by_hand_on_the_zoo_split_is_pytorch_grad_cams(grad_cam_vit):
     assert errors["grid"] < 1e-3 and errors["all tokens"] > 0.1
 
 
-@TOKENS
 def test_grad_cam_on_vit_tiny_at_blocks_10_is_pytorch_grad_cams(grad_cam_vit):
     weights, x, targets, logits, ref = grad_cam_vit
     clf = models.load("vit_tiny_patch16_224", weights=weights, layer="blocks.10")
@@ -241,7 +235,6 @@ def test_grad_cam_on_vit_tiny_at_blocks_10_is_pytorch_grad_cams(grad_cam_vit):
     assert err < 1e-3
 
 
-@TOKENS
 def test_cli_grad_cam_on_vit_tiny_at_blocks_10_is_pytorch_grad_cams(grad_cam_vit, tmp_path, capsys):
     """``liftcam-jax explain X.npy --model vit_tiny_patch16_224 --weights W --layer blocks.10
     --method grad-cam`` (the predicted class, as pytorch-grad-cam's default target)."""
