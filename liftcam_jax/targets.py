@@ -43,6 +43,10 @@ from .errors import UsageError, one_line, positive_int
 
 Array = Any
 
+__all__ = ["SCORES", "Target", "as_score", "check_targets", "class_indices", "class_logit", "class_score",
+           "cosine_similarity", "logit_difference", "resolve", "rest", "score_cotangent", "score_multipliers",
+           "segmentation"]
+
 
 # ---------------------------------------------------------------------------
 # named targets

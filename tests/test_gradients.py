@@ -130,5 +130,4 @@ def test_gradients_through_target_functions_match_finite_differences():
     for split, target in ((_split(HEADS["tanh"]), diff), (seg_split, seg)):
         for method in ("lift-cam", "grad-cam"):
             explain = lj.explainer(split, method)  # the targets (Partials) are arguments of the compiled program
-            for which in (("coefficients",), ("raw",)):
-                _check_against_fd(explain, params, x, which, targets=target)
+            _check_against_fd(explain, params, x, ("coefficients", "raw"), targets=target)
