@@ -99,7 +99,7 @@ class Result(NamedTuple):
     flipped_accuracy: float
 
 
-def train(weight: float, *, seed: int = 0, steps: int = 300, batch: int = 64, lr: float = 1e-2):
+def train(weight: float, *, seed: int = 0, steps: int = 150, batch: int = 64, lr: float = 1e-2):
     """Train from ``init(seed)`` with Adam for ``steps`` steps on fresh batches; returns the parameters."""
     params = init(seed)
     opt = optax.adam(lr)

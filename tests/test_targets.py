@@ -209,3 +209,27 @@ def test_lime_cam_says_it_cannot_be_differentiated(model):
     with pytest.raises(UsageError, match="lime-cam cannot be differentiated") as info:
         jax.grad(lambda p: jnp.sum(explain(p, x, 1).coefficients))(p)
     assert "\n" not in str(info.value)
+
+
+def _conv_shapes(jaxpr):
+    shapes = []
+    for e in jaxpr.eqns:
+        if e.primitive.name == "conv_general_dilated":
+            shapes.append(tuple(e.outvars[0].aval.shape))
+        for v in e.params.values():
+            inner = getattr(v, "jaxpr", v)
+            if hasattr(inner, "eqns"):
+                shapes += _conv_shapes(inner)
+    return shapes
+
+
+@pytest.mark.parametrize("method", ["lift-cam", "grad-cam"])
+def test_several_targets_share_the_front_and_the_head(model, method):
+    """Traced program: top_k=5 has the convolutions of one target, and only the transposed (backward)
+    one carries the 5 targets (batch 5 * B); the front and the head's forward pass run once."""
+    split, p, x = model
+    one = _conv_shapes(jax.make_jaxpr(lambda p, x: lj.explain(split, p, x, method=method))(p, x).jaxpr)
+    five = _conv_shapes(jax.make_jaxpr(lambda p, x: lj.explain(split, p, x, method=method, top_k=5))(p, x).jaxpr)
+    b = x.shape[0]
+    assert len(five) == len(one) and five[:-1] == one[:-1] and all(s[0] == b for s in one)
+    assert five[-1] == (5 * b,) + one[-1][1:]
