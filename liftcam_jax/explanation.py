@@ -34,8 +34,13 @@ class Explanation(NamedTuple):
       coefficients: ``(B, K)`` channel coefficients (for LIFT-CAM, the DeepLIFT
         estimates of the activation maps' SHAP values); for methods that weight
         each position, the spatial sum of ``w * A`` per channel.
-      logits: ``(B, C)`` the model's logits.
-      targets: ``(B,)`` the explained class per image.
+      logits: ``(B, C)`` the model's logits (the head's output, any pytree).
+      targets: ``(B,)`` the explained class per image (``-1`` for a target
+        function, :mod:`liftcam_jax.targets`).
+
+    With ``T`` targets per image (``(B, T)`` targets, ``top_k``, a function
+    giving ``(B, T)``), ``maps``, ``raw``, ``coefficients`` and ``targets`` are
+    ``(B, T, H, W)``, ``(B, T, h, w)``, ``(B, T, K)`` and ``(B, T)``.
       reference_logits: ``(B, C)`` the head's logits at the reference
         activations (LIFT-CAM: ``y(0)``), or ``None`` for methods without one.
     """
