@@ -7,6 +7,7 @@ into ``features(params, x)`` and ``head(params, A)``.
 """
 from . import methods, rescale
 from . import lrp, shap  # LRP-epsilon transformation; Shapley values of activation maps
+from . import targets  # what is explained: class logits, logit differences, segmentation, similarity, ReST
 from .explain import explain, explainer
 from .explanation import Attribution, Explanation, assemble
 from .flax_split import SplitError, linen_split, nnx_split
@@ -57,4 +58,5 @@ __all__ = [
     "methods",
     "rescale",
     "shap",
+    "targets",
 ]

@@ -72,7 +72,9 @@ __all__ = [
     "MethodSpec",
     "Row",
     "Report",
+    "TopKCost",
     "bench",
+    "bench_top_k",
     "compilation_cache",
     "device_info",
     "parse_method_spec",
@@ -554,3 +556,66 @@ def bench(split: Split, params, input_shape: Sequence[int], methods: Sequence[An
                   repeats=cfg.repeats, warmup=cfg.warmup, compilation_cache=cache_text, device=device_info(),
                   forward=forward_rows, rows=rows, command=cfg.command, started=started,
                   wall_s=time.perf_counter() - t_start, process_peak_rss_bytes=_process_peak_rss())
+
+
+@dataclasses.dataclass
+class TopKCost:
+    """:func:`bench_top_k`: ``k`` targets per image in one call against ``k`` separate calls.
+
+    Seconds are medians over the repeats, per batch; ``ratio_to_one`` = top-k call / one
+    single-target call, ``ratio_to_separate`` = top-k call / the ``k`` separate calls
+    (medians of the interleaved ratios, wall clock and process CPU time)."""
+
+    method: str
+    k: int
+    batch_size: int
+    top_k_s: float
+    one_s: float
+    separate_s: float
+    ratio_to_one: float
+    ratio_to_separate: float
+    cpu_ratio_to_one: float
+    cpu_ratio_to_separate: float
+
+    def line(self) -> str:
+        return (f"{self.method} b={self.batch_size}: top_k={self.k} in one call {self.top_k_s:.4g} s = "
+                f"{self.ratio_to_one:.2f}x one target (CPU {self.cpu_ratio_to_one:.2f}x), "
+                f"{self.ratio_to_separate:.2f}x {self.k} separate calls (CPU {self.cpu_ratio_to_separate:.2f}x)")
+
+
+def bench_top_k(split: Split, params, input_shape: Sequence[int], method: Any = "lift-cam", k: int = 5,
+                batch_size: int = 1, config: Optional[BenchConfig] = None, **options) -> TopKCost:
+    """The cost of ``k`` targets per image (``explainer(split, method, top_k=k)``) against one
+    target and against ``k`` separate single-target calls (each a class index of the top ``k``).
+
+    Random normal inputs as :func:`bench`; after the compiling calls and ``warmup`` untimed
+    rounds, ``repeats`` rounds each time the top-k call, one single-target call and the ``k``
+    separate calls one after the other (interleaved: all see the same load). ``options``
+    override ``config``'s fields.
+    """
+    cfg = dataclasses.replace(config or BenchConfig(), **options)
+    spec = method if isinstance(method, MethodSpec) else parse_method_spec(method)
+    k = positive_int("k", k)
+    b = positive_int("batch size", batch_size)
+    repeats, warmup = positive_int("repeats", cfg.repeats), positive_int("warmup", cfg.warmup, minimum=0)
+    x = jax.random.normal(jax.random.PRNGKey(cfg.seed), (b,) + tuple(int(s) for s in input_shape), jnp.float32)
+    many = explainer(split, spec.method, top_k=k, **spec.kwargs)
+    one = explainer(split, spec.method, **spec.kwargs)
+    with compilation_cache(cfg.cache):
+        classes = jax.block_until_ready(many(params, x).targets)
+        columns = [jax.device_put(classes[:, t]) for t in range(k)]
+        separate = lambda p, z: [one(p, z, c) for c in columns]  # noqa: E731
+        _timed(separate, params, x)
+        for _ in range(warmup):
+            _timed(many, params, x), _timed(one, params, x, columns[0]), _timed(separate, params, x)
+        runs = {"many": [], "one": [], "separate": []}
+        for _ in range(repeats):
+            runs["many"].append(_timed(many, params, x))
+            runs["one"].append(_timed(one, params, x, columns[0]))
+            runs["separate"].append(_timed(separate, params, x))
+    wall = {n: [t for t, _ in r] for n, r in runs.items()}
+    cpu = {n: [c for _, c in r] for n, r in runs.items()}
+    return TopKCost(spec.label, k, b, statistics.median(wall["many"]), statistics.median(wall["one"]),
+                    statistics.median(wall["separate"]), _median_ratio(wall["many"], wall["one"]),
+                    _median_ratio(wall["many"], wall["separate"]), _median_ratio(cpu["many"], cpu["one"]),
+                    _median_ratio(cpu["many"], cpu["separate"]))

@@ -24,9 +24,9 @@ from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from .errors import UsageError
+from .targets import Target, check_targets, resolve  # noqa: F401  (check_targets: its old home)
 from .tokens import TokenLayout, prefix_share, to_grid
 
 Array = Any
@@ -41,8 +41,13 @@ class Explanation(NamedTuple):
       coefficients: ``(B, K)`` channel coefficients (for LIFT-CAM, the DeepLIFT
         estimates of the activation maps' SHAP values); for methods that weight
         each position, the spatial sum of ``w * A`` per channel.
-      logits: ``(B, C)`` the model's logits.
-      targets: ``(B,)`` the explained class per image.
+      logits: ``(B, C)`` the model's logits (the head's output, any pytree).
+      targets: ``(B,)`` the explained class per image (``-1`` for a target
+        function, :mod:`liftcam_jax.targets`).
+
+    With ``T`` targets per image (``(B, T)`` targets, ``top_k``, a function
+    giving ``(B, T)``), ``maps``, ``raw``, ``coefficients`` and ``targets`` are
+    ``(B, T, H, W)``, ``(B, T, h, w)``, ``(B, T, K)`` and ``(B, T)``.
       reference_logits: ``(B, C)`` the head's logits at the reference
         activations (LIFT-CAM: ``y(0)``), or ``None`` for methods without one.
       prefix_coefficients: for token activations, ``(B, K)`` the prefix
@@ -125,44 +130,25 @@ def assemble(activations: Array, weights: Array, size, *, bias: Optional[Array] 
     return normalize(upsample(raw, size)), raw
 
 
-def check_targets(targets, classes: int, batch: int) -> None:
-    """Raise a one-line :class:`UsageError` for concrete targets that cannot be explained.
-
-    Targets must be integers in ``[0, classes)``, one int or one per image.
-    Traced targets (inside ``jit``) cannot be checked here; out of range,
-    they give NaN maps (see :func:`from_attribution`).
-    """
-    if targets is None or isinstance(targets, jax.core.Tracer):
-        return
-    try:
-        concrete = np.asarray(targets)
-    except Exception:  # noqa: BLE001 - not concrete: nothing to check
-        return
-    if concrete.dtype.kind not in "iu":
-        raise UsageError(f"targets must be integers, got {concrete.dtype}")
-    if concrete.ndim not in (0, 1) or (concrete.ndim == 1 and concrete.shape[0] != batch):
-        raise UsageError(f"targets must be one int or one per image ({batch}), got shape {concrete.shape}")
-    bad = concrete[(concrete < 0) | (concrete >= classes)]
-    if bad.size:
-        raise UsageError(f"target index {int(bad.flat[0])} out of range for {classes} classes (valid: 0..{classes - 1})")
-
-
 def resolve_targets(targets, logits: Array) -> Array:
-    """``None`` -> predicted class; an int -> that class for every image; else ``(B,)``.
+    """``None`` -> predicted class; an int -> that class for every image; ``(B,)`` or ``(B, T)`` ints as they are.
 
     Concrete targets are checked against the number of classes
-    (:func:`check_targets`).
+    (:func:`liftcam_jax.targets.check_targets`); :func:`liftcam_jax.targets.resolve`
+    is the whole normalisation (functions, ``top_k``).
     """
-    batch, classes = logits.shape[0], logits.shape[-1]
-    if targets is None:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    check_targets(targets, classes, batch)
-    return jnp.broadcast_to(jnp.asarray(targets, jnp.int32), (batch,))
+    return resolve(targets, logits).reported()
 
 
-def from_attribution(activations: Array, att: Attribution, size, logits: Array, targets: Array, *,
+def from_attribution(activations: Array, att: Attribution, size, logits: Array, targets, *,
                      tokens: Optional[TokenLayout] = None) -> Explanation:
     """Assemble an :class:`Explanation` from a method's :class:`Attribution`.
+
+    ``targets``: the :class:`~liftcam_jax.targets.Target` explained (or ``(B,)``
+    class indices). With several targets, ``att``'s arrays carry a leading
+    ``T`` axis (the method ran under ``jax.vmap`` over the targets; its
+    ``reference_logits`` are the same for all of them) and the maps, raw maps
+    and coefficients come out ``(B, T, ...)``.
 
     ``tokens``: the layout of ``(B, N, D)`` token activations; the map is drawn
     on the grid tokens (:func:`liftcam_jax.tokens.to_grid` of the activations,
@@ -175,6 +161,31 @@ def from_attribution(activations: Array, att: Attribution, size, logits: Array, 
     earlier) gets NaN maps, raw map and coefficients: a one-hot of such a
     target is all zeros, which would otherwise give a blank map silently.
     """
+    if isinstance(targets, Target):
+        valid, reported = targets.valid, targets.reported()
+        if targets.several:
+            ref = None if att.reference_logits is None else jax.tree_util.tree_map(lambda r: r[0],
+                                                                                    att.reference_logits)
+            one = lambda w, c, bias, p: _assemble_one(  # noqa: E731
+                activations, Attribution(w, c, None, bias, att.relu, p), size, tokens)
+            maps, raw, coeffs, prefix = jax.vmap(one)(att.weights, att.coefficients, att.bias,
+                                                      att.prefix_coefficients)
+            move = lambda a: jnp.moveaxis(a, 0, 1)  # noqa: E731  (T, B, ...) -> (B, T, ...)
+            nan_unless = lambda a: jnp.where(valid.reshape(valid.shape + (1,) * (a.ndim - 2)), a, jnp.nan)  # noqa: E731
+            return Explanation(nan_unless(move(maps)), nan_unless(move(raw)), nan_unless(move(coeffs)), logits,
+                               reported, ref, None if prefix is None else nan_unless(move(prefix)))
+        valid = valid[:, 0]
+    else:
+        reported = targets
+        valid = (targets >= 0) & (targets < logits.shape[-1])
+    maps, raw, coeffs, prefix = _assemble_one(activations, att, size, tokens)
+    nan_unless = lambda a: jnp.where(valid.reshape((-1,) + (1,) * (a.ndim - 1)), a, jnp.nan)
+    return Explanation(nan_unless(maps), nan_unless(raw), nan_unless(coeffs), logits, reported,
+                       att.reference_logits, None if prefix is None else nan_unless(prefix))
+
+
+def _assemble_one(activations: Array, att: Attribution, size, tokens: Optional[TokenLayout] = None):
+    """``(maps, raw, coefficients, prefix_coefficients)`` of one target's :class:`Attribution`."""
     grid, weights = activations, att.weights
     if tokens is not None:
         grid = to_grid(activations, tokens)
@@ -187,7 +198,4 @@ def from_attribution(activations: Array, att: Attribution, size, logits: Array, 
         else:
             coeffs, share = prefix_share(att.weights * activations, tokens)
             prefix = share if prefix is None else prefix
-    valid = (targets >= 0) & (targets < logits.shape[-1])
-    nan_unless = lambda a: jnp.where(valid.reshape((-1,) + (1,) * (a.ndim - 1)), a, jnp.nan)
-    return Explanation(nan_unless(maps), nan_unless(raw), nan_unless(coeffs), logits, targets,
-                       att.reference_logits, None if prefix is None else nan_unless(prefix))
+    return maps, raw, coeffs, prefix

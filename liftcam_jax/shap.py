@@ -67,6 +67,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import affine as _affine
+from . import targets as _target_lib
 from .errors import UsageError, positive_int
 
 __all__ = [
@@ -105,8 +106,9 @@ class ShapleyValues(NamedTuple):
     stderr: Array
 
 
-def _targets(targets, batch):
-    return jnp.broadcast_to(jnp.asarray(targets, jnp.int32), (batch,))
+def _score(targets):
+    """The explained score ``out -> (B,)``: a class's logit for class indices (:mod:`liftcam_jax.targets`)."""
+    return _target_lib.as_score(targets)
 
 
 def coalition_values(head: Callable, params, activations: Array, targets: Array, masks: Array, *,
@@ -114,24 +116,24 @@ def coalition_values(head: Callable, params, activations: Array, targets: Array,
     r"""The game's values :math:`v(S)` for a set of coalitions.
 
     Args:
-      head: ``head(params, A) -> (B, C)`` logits.
+      head: ``head(params, A) -> (B, C)`` logits (any output, with a score function).
       activations: ``A``, ``(B, h, w, K)``.
-      targets: ``(B,)`` class per image (or one int).
+      targets: ``(B,)`` class per image (or one int), or a score function
+        ``fn(out) -> (B,)`` (:mod:`liftcam_jax.targets`).
       masks: ``(N, K)`` coalitions, 1 = channel kept, 0 = channel set to zero
         (fractional masks scale the channel).
       chunk_size: coalitions per head call (each call sees ``chunk_size * B`` inputs).
 
     Returns:
-      ``(N, B)``: ``head(A * mask_n)[b, targets[b]]``.
+      ``(N, B)``: ``head(A * mask_n)[b, targets[b]]`` (the score of ``head(A * mask_n)``).
     """
     chunk_size = positive_int("chunk_size", chunk_size)
     a = activations
-    t = _targets(targets, a.shape[0])
+    score = _score(targets)
     masks = jnp.asarray(masks, a.dtype)
 
     def one(m):
-        logits = head(params, a * m)
-        return jnp.take_along_axis(logits, t[:, None], axis=1)[:, 0]
+        return score(head(params, a * m))
 
     return jax.lax.map(one, masks, batch_size=min(chunk_size, masks.shape[0]))
 
@@ -186,7 +188,7 @@ def exact_shapley(head: Callable, params, activations: Array, targets: Array, *,
 # permutation sampling with antithetic pairs
 # ---------------------------------------------------------------------------
 
-def _prefix_values(split, params, a, t, perms, chunk_size):
+def _prefix_values(split, params, a, score, perms, chunk_size):
     r"""``v`` of each permutation's proper prefixes, ``(P, K-1, B)``, through the head's affine front.
 
     :math:`L(A \odot 1_S) = L(0) + \sum_{k \in S} d_k` (:mod:`liftcam_jax.affine`): the channel
@@ -210,8 +212,8 @@ def _prefix_values(split, params, a, t, perms, chunk_size):
 
         def segment(carry, idx):
             carry, states = jax.lax.scan(add, carry, idx)
-            logits = jax.vmap(lambda s: split.rest(params, s)[0])(states)  # (m, B, C)
-            return carry, jnp.take_along_axis(logits, t[None, :, None], axis=2)[..., 0]
+            outs = jax.vmap(lambda s: split.rest(params, s)[0])(states)  # (m, B, C)
+            return carry, jax.vmap(score)(outs)
 
         _, v = jax.lax.scan(segment, f0, order)
         return v.reshape(segments * m, -1)[: k - 1]
@@ -244,7 +246,8 @@ def permutation_shapley(head: Callable, params, activations: Array, targets: Arr
     p = positive_int("num_permutations", num_permutations, even=True, minimum=4)
     a = activations
     b, k = a.shape[0], a.shape[-1]
-    t = _targets(targets, b)
+    score = _score(targets)
+    classes = _target_lib.class_indices(score)  # image by image needs a score that can be cut per image
     pairs = p // 2
     perms = jax.vmap(lambda kk: jax.random.permutation(kk, k))(jax.random.split(key, pairs))
     perms = jnp.concatenate([perms, perms[:, ::-1]])  # (P, K): forward then reversed
@@ -252,18 +255,20 @@ def permutation_shapley(head: Callable, params, activations: Array, targets: Arr
     split = _affine.affine_front(head, params, jax.ShapeDtypeStruct(a.shape, a.dtype)) if affine else None
     need = k * split.frontier_size * a.dtype.itemsize if split is not None else 0  # the K contributions
     if split is not None and split.saves and need <= AFFINE_BYTES:
-        v = _prefix_values(split, params, a, t, perms, chunk_size)
-    elif split is not None and split.saves and b > 1 and need // b <= AFFINE_BYTES:  # one image at a time
+        v = _prefix_values(split, params, a, score, perms, chunk_size)
+    elif (split is not None and split.saves and b > 1 and need // b <= AFFINE_BYTES
+          and classes is not None):  # one image at a time
         one = _affine.affine_front(head, params, jax.ShapeDtypeStruct((1,) + a.shape[1:], a.dtype))
-        v = jax.lax.map(lambda at: _prefix_values(one, params, at[0][None], at[1][None], perms, chunk_size)[..., 0],
-                        (a, t))  # (B, P, K-1)
+        t = jnp.broadcast_to(classes, (b,))
+        v = jax.lax.map(lambda at: _prefix_values(one, params, at[0][None], _target_lib.class_logit(at[1][None]),
+                                                  perms, chunk_size)[..., 0], (a, t))  # (B, P, K-1)
         v = jnp.moveaxis(v, 0, -1)
     else:
         sizes = jnp.arange(1, k)
         masks = (pos[:, None, :] < sizes[None, :, None]).astype(a.dtype)  # (P, K-1, K) prefixes
-        v = coalition_values(head, params, a, t, masks.reshape(-1, k), chunk_size=chunk_size)
+        v = coalition_values(head, params, a, score, masks.reshape(-1, k), chunk_size=chunk_size)
         v = v.reshape(p, k - 1, b)
-    v0, v1 = _ends(head, params, a, t, chunk_size)
+    v0, v1 = _ends(head, params, a, score, chunk_size)
     chain = jnp.concatenate([jnp.broadcast_to(v0, (p, 1, b)), v, jnp.broadcast_to(v1, (p, 1, b))], axis=1)
     deltas = chain[:, 1:] - chain[:, :-1]  # (P, K, B): contribution of the player at each position
     contrib = jnp.take_along_axis(deltas, pos[:, :, None], axis=1)  # (P, K, B) by player
@@ -300,7 +305,7 @@ def kernel_shap(head: Callable, params, activations: Array, targets: Array, key,
     b, k = a.shape[0], a.shape[-1]
     if k < 2:
         raise UsageError(f"Kernel SHAP needs at least 2 channels, got {k}")
-    t = _targets(targets, b)
+    t = _score(targets)
     dt = a.dtype
     k_size, k_subset = jax.random.split(key)
     sizes = jax.random.choice(k_size, jnp.arange(1, k), (n,), p=jnp.asarray(shapley_kernel_size_probabilities(k), dt))

@@ -213,3 +213,16 @@ def test_cli_data_measures_a_dataset_run_against_its_step(tmp_path, capsys):
     out = capsys.readouterr().out
     assert md.read_text() == out
     assert "compiled step alone" in out and "save=raw" in out and "save=both" in out and "4 images, batch 2" in out
+
+
+def test_top_k_against_separate_calls(tmp_path, capsys):
+    """bench --top-k: one line per method, consistent fields (speed itself is not asserted)."""
+    md = tmp_path / "k.md"
+    rc = cli.main(["bench", "--model", "tiny", "--methods", "lift-cam", "--top-k", "3", "--repeats", "2",
+                   "--warmup", "0", "--out", str(md)], zoo=FakeZoo())
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert out.startswith("tiny (conv2) lift-cam b=1: top_k=3 in one call") and "3 separate calls" in out
+    assert md.read_text() == f"- {out}"
+    ratios = [float(w.rstrip("x")) for w in out.replace("(CPU ", " ").replace(")", "").replace(",", "").split() if w.endswith("x")]
+    assert len(ratios) == 4 and all(r > 0 for r in ratios)

@@ -47,15 +47,15 @@ def _params(key, k=3, c=4):
     }
 
 
-def _loss(explain, params, x, which):
-    e = explain(params, x, 1)
+def _loss(explain, params, x, which, targets=1):
+    e = explain(params, x, targets)
     rng = np.random.default_rng(0)
     weights = {name: jnp.asarray(rng.normal(size=getattr(e, name).shape)) for name in which}
     return sum(jnp.sum(getattr(e, name) * w) for name, w in weights.items())
 
 
-def _check_against_fd(explain, params, x, which, rtol=1e-3, h=1e-6):
-    f = lambda p, xx: _loss(explain, p, xx, which)
+def _check_against_fd(explain, params, x, which, rtol=1e-3, h=1e-6, targets=1):
+    f = lambda p, xx: _loss(explain, p, xx, which, targets)
     gp, gx = jax.grad(f, argnums=(0, 1))(params, x)
     rng = np.random.default_rng(1)
     vp = jax.tree_util.tree_map(lambda a: jnp.asarray(rng.normal(size=a.shape)), params)
@@ -113,3 +113,21 @@ def test_grad_cam_gradients_match_finite_differences_on_a_smooth_head():
     x = jax.random.normal(jax.random.PRNGKey(4), (2, 4, 4, 3), jnp.float64) + 0.2
     _check_against_fd(explain, params, x, ("coefficients",))
     _check_against_fd(explain, params, x, ("raw",))
+
+
+def test_gradients_through_target_functions_match_finite_differences():
+    """A logit difference (classes 1 - 3) on the tanh head, and a mask-summed class of a
+    per-pixel segmentation head (tanh then 1x1 conv, output (B, h, w, C)), through LIFT-CAM
+    and Grad-CAM: jax.grad of the coefficients and raw maps against central differences."""
+    from liftcam_jax import targets as T
+
+    params = _params(jax.random.PRNGKey(3))
+    x = jax.random.normal(jax.random.PRNGKey(4), (2, 4, 4, 3), jnp.float64) + 0.2
+    diff = T.logit_difference(1, 3)
+    mask = jnp.asarray(np.random.default_rng(2).uniform(size=(2, 4, 4)))
+    seg = T.segmentation(jnp.array([2, 0]), mask)
+    seg_split = _split(lambda p, a: jnp.tanh(a) @ p["w"])
+    for split, target in ((_split(HEADS["tanh"]), diff), (seg_split, seg)):
+        for method in ("lift-cam", "grad-cam"):
+            explain = lj.explainer(split, method)  # the targets (Partials) are arguments of the compiled program
+            _check_against_fd(explain, params, x, ("coefficients", "raw"), targets=target)

@@ -64,6 +64,9 @@ def add_arguments(parser):
     )
     parser.add_argument("--limit", type=_args.positive_int, default=256,
                         help="inputs used with --data (default: 256)")
+    parser.add_argument("--top-k", type=_args.positive_int, default=None, metavar="K",
+                        help="measure K targets per image in one call (explain's top_k) against one target and "
+                             "against K separate calls, for each method at each batch size (instead of the table)")
 
 
 def run(args, zoo) -> int:
@@ -82,6 +85,8 @@ def run(args, zoo) -> int:
     log = None if args.quiet else (lambda s: print(f"bench: {s}", file=sys.stderr, flush=True))
     if args.data:
         return _dataset_run(args, model, specs[0], batch_sizes[0], outs)
+    if args.top_k:
+        return _top_k_run(args, model, specs, batch_sizes, outs)
     report = bench(
         model.split,
         model.params,
@@ -120,6 +125,26 @@ def _dataset_run(args, model, spec, batch_size: int, outs) -> int:
         if p.suffix.lower() != ".md":
             raise UsageError(f"--out {p}: with --data the report is markdown (FILE.md)")
         write_bytes(p, table.encode("utf-8"))
+    return 0
+
+
+def _top_k_run(args, model, specs, batch_sizes, outs) -> int:
+    """``--top-k K``: :func:`liftcam_jax.bench.bench_top_k` per method and batch size, one line each."""
+    from ..bench import bench_top_k
+
+    size = int(model.preprocess.size)
+    lines = []
+    for b in batch_sizes:
+        for spec in specs:
+            cost = bench_top_k(model.split, model.params, (size, size, 3), spec, args.top_k, b,
+                               repeats=args.repeats, warmup=args.warmup, seed=args.seed,
+                               cache=args.compilation_cache == "on")
+            lines.append(f"{model.name} ({model.layer}) " + cost.line())
+            print(lines[-1], flush=True)
+    for p in outs:
+        if p.suffix.lower() != ".md":
+            raise UsageError(f"--out {p}: with --top-k the report is text lines (FILE.md)")
+        write_bytes(p, ("\n".join(f"- {ln}" for ln in lines) + "\n").encode("utf-8"))
     return 0
 
 

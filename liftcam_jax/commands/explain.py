@@ -10,7 +10,9 @@ already preprocessed for the model; TFDS splits tfds:NAME[/CONFIG][@VERSION]:SPL
 (e.g. tfds:imagenette:validation[:500]) from a local data dir, array_record
 (no TensorFlow needed) or TFRecord (needs TensorFlow). Ids are the examples'
 indices in the split; their labels and label names are recorded, and
---target label explains each image's labelled class.
+--target label explains each image's labelled class. --target top5 (or
+285,281) explains several classes per image in one compiled call; --score
+rest scores them with ShapleyCAM's ReST instead of the logit.
 
 The batch is split over all local devices (rounded up to a multiple of their
 number). Exit status: 0 when every input was explained, 1 when some failed
@@ -33,12 +35,15 @@ from ._args import (add_distributed_arguments, add_model_arguments, add_tfds_arg
 
 
 def _target(text: str):
-    if text.strip().lower() in ("auto", "label"):
-        return None if text.strip().lower() == "auto" else "label"
+    """argparse type: the target words of :func:`liftcam_jax.runs.explain.parse_target`, checked here."""
+    from ..errors import UsageError
+    from ..runs.explain import parse_target
+
     try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"bad target {text!r}; use 'auto', 'label' or a class index") from None
+        parse_target(text)
+    except UsageError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text.strip()
 
 
 def _layers(text):
@@ -60,9 +65,15 @@ def add_arguments(parser):
     add_model_arguments(parser)
     parser.add_argument("--method", default="lift-cam",
                         help="explanation method (default lift-cam); one of: " + ", ".join(_methods.names()))
-    parser.add_argument("--target", type=_target, default=None,
-                        help="'auto' (the predicted class, default), 'label' (each input's dataset label, "
-                             "mapped to the model's classes: see --label-map) or a class index")
+    parser.add_argument("--target", type=_target, default="predicted",
+                        help="what to explain per image: 'predicted' (the predicted class, default), 'label' (each "
+                             "input's dataset label, mapped to the model's classes: see --label-map), 'auto' (the "
+                             "label when every input is labelled, else the predicted class), 'topK' (e.g. top5: "
+                             "the K highest-scoring classes), a class index, or several ('285,281': each, for "
+                             "every image); several targets give one .npz with all the maps and one overlay each")
+    parser.add_argument("--score", default="logit",
+                        help="how the targeted class is scored: 'logit' (default) or 'rest' (ShapleyCAM's ReST, "
+                             "the logit minus the cross-entropy; gradient methods)")
     parser.add_argument("--batch-size", type=positive_int, default=32,
                         help="images per step, rounded up to a multiple of the device count (default 32)")
     parser.add_argument("--save", choices=("overlay", "raw", "both"), default="both",
@@ -113,6 +124,7 @@ def run(args, zoo) -> int:
         out_dir=args.out or default_out(args.inputs[0]),
         method=method,
         target=args.target,
+        score=args.score,
         batch_size=args.batch_size,
         save=args.save,
         limit=args.limit,

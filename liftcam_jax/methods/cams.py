@@ -2,7 +2,7 @@ r"""The gradient-based CAM family, and Eigen-CAM, as pytorch-grad-cam 1.5.7 defi
 
 Notation: ``A`` are the activations ``(B, h, w, K)`` at the split,
 ``y^c = head(A)_c`` the logit of the explained class (each image its own
-``c``), and
+``c``; more generally the score of any target, :mod:`liftcam_jax.targets`), and
 
 .. math::  g_{ijk} = \frac{\partial y^c}{\partial A_{ijk}}
 
@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .. import primitives, rescale, tokens as _tokens
+from .. import targets as _targets
 from ..errors import UsageError, positive_int
 from ..explanation import Attribution
 from .registry import register
@@ -47,16 +48,20 @@ SPATIAL = (1, 2)
 
 
 def target_gradients(head, params, activations, targets):
-    r"""``(g, logits)``: :math:`g_{bijk} = \partial y_b^{t_b} / \partial A_{bijk}` for every image.
+    r"""``(g, out)``: :math:`g_{bijk} = \partial s_b(y) / \partial A_{bijk}` for every image.
 
-    One ``jax.vjp`` of ``head(params, .)`` at ``activations`` with the
-    cotangent ``one_hot(targets)`` (``(B, C)``): each image gets the gradient
-    of its own target logit (the rows of the head's output are independent).
+    ``targets``: ``(B,)`` class indices (the score is the class logit,
+    :math:`s_b = y_{b t_b}`) or a score function ``fn(out) -> (B,)``
+    (:mod:`liftcam_jax.targets`). One ``jax.vjp`` of ``head(params, .)`` at
+    ``activations`` with the cotangent :math:`\partial \sum_b s_b / \partial y`
+    (:func:`liftcam_jax.targets.score_cotangent`; ``one_hot(targets)`` for
+    class indices): each image gets the gradient of its own score (the rows of
+    the head's output are independent). Under ``jax.vmap`` over several
+    scores the head's forward pass stays unbatched: one ``vjp``, ``T`` cotangents.
     """
-    logits, vjp = jax.vjp(lambda a: head(params, a), activations)
-    ct = jax.nn.one_hot(targets, logits.shape[-1], dtype=logits.dtype)
-    (grads,) = vjp(ct)
-    return grads, logits
+    out, vjp = jax.vjp(lambda a: head(params, a), activations)
+    (grads,) = vjp(_targets.score_cotangent(_targets.as_score(targets), out))
+    return grads, out
 
 
 def _spatial_sum(a, keepdims=False):
@@ -215,11 +220,10 @@ def grad_cam_pp_diagonals(head, params, activations, targets, *, chunk_size: int
     """
     a = activations
     b, h, w, k = a.shape
-    classes = jax.eval_shape(lambda z: head(params, z), a).shape[-1]
-    ct = jax.nn.one_hot(targets, classes, dtype=a.dtype)
+    score = _targets.as_score(targets)
 
     def total(z):
-        return jnp.sum(head(params, z) * ct)
+        return jnp.sum(score(head(params, z)))
 
     grad = jax.grad(total)
 

@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 
 from .. import rescale, tokens as _tokens
+from .. import targets as _targets
 from ..explanation import Attribution
 from ..image import gaussian_blur
 from .registry import register
@@ -44,31 +45,44 @@ from .registry import register
 
 def lift_cam_coefficients(head, params, activations, targets, reference=None, *, eps=rescale.DEFAULT_EPS,
                           per_position: bool = False):
-    """LIFT-CAM coefficients ``phi`` for one or several targets per image.
+    r"""LIFT-CAM coefficients ``phi`` for one or several targets per image.
+
+    For a score :math:`s` of the head's output (:mod:`liftcam_jax.targets`;
+    class ``c``'s logit for integer targets), ``phi`` is DeepLIFT of
+    :math:`s \circ \mathrm{head}` summed over each map:
+    :math:`\phi_k = \sum_{ij} m_{ijk} (A - A_{\mathrm{ref}})_{ijk}` with
+    :math:`m = \mathcal{L}^\top(\partial^{\Delta} s)`, the head's rescale-rule
+    linear map :math:`\mathcal{L}` (:func:`liftcam_jax.rescale.linearize`, built
+    once) transposed at the score's DeepLIFT multipliers
+    (:func:`liftcam_jax.targets.score_multipliers`; ``one_hot(c)`` for a logit).
+    Summation-to-delta: :math:`\sum_k \phi_k = s(y(A)) - s(y(A_{\mathrm{ref}}))`.
 
     Args:
-      head: ``head(params, A) -> (B, C)``.
+      head: ``head(params, A) -> out`` (``(B, C)`` logits, or any pytree with a score function).
       activations: ``A``, ``(B, h, w, K)`` maps or ``(B, N, K)`` tokens.
-      targets: ``(B,)`` ints, or ``(T, B)`` for ``T`` targets per image.
+      targets: ``(B,)`` ints, ``(T, B)`` for ``T`` targets per image, or a score
+        function ``fn(out) -> (B,)``.
       reference: reference activations broadcastable to ``A`` (default zeros).
       per_position: return the contributions ``m * (A - ref)`` per position,
         shaped like ``A``, instead of their sum over positions.
 
     Returns:
-      ``(phi, logits, reference_logits)``: ``phi`` is ``(B, K)`` (or ``(T, B, K)``).
+      ``(phi, out, reference_out)``: ``phi`` is ``(B, K)`` (or ``(T, B, K)``).
     """
     a = activations
     ref = None if reference is None else jnp.broadcast_to(jnp.asarray(reference, a.dtype), a.shape)
     lin = rescale.linearize(lambda z: head(params, z), a, ref, eps=eps)
-    targets = jnp.asarray(targets, jnp.int32)
-    classes = lin.out.shape[-1]
     delta = a if ref is None else a - ref
 
-    def coeffs(t):
-        m = lin.transpose(jax.nn.one_hot(t, classes, dtype=lin.out.dtype))
+    def coeffs(score):
+        m = lin.transpose(_targets.score_multipliers(score, lin.out, lin.out_ref, eps=eps))
         return m * delta if per_position else jnp.sum(m * delta, axis=_tokens.position_axes(delta))
 
-    phi = coeffs(targets) if targets.ndim == 1 else jax.vmap(coeffs)(targets)
+    if callable(targets):
+        return coeffs(targets), lin.out, lin.out_ref
+    targets = jnp.asarray(targets, jnp.int32)
+    phi = coeffs(_targets.class_logit(targets)) if targets.ndim <= 1 else \
+        jax.vmap(lambda t: coeffs(_targets.class_logit(t)))(targets)
     return phi, lin.out, lin.out_ref
 
 
@@ -125,5 +139,5 @@ def deeplift_shap_cam(split, params, x, activations, targets, logits, *, key=Non
         return _tokens.prefix_share(c, layout), ref_logits
 
     (phis, prefixes), ref_logits = jax.lax.map(one, references)
-    mean = lambda v: None if v is None else jnp.mean(v, axis=0)
+    mean = lambda v: None if v is None else jax.tree_util.tree_map(lambda a: jnp.mean(a, axis=0), v)  # noqa: E731
     return Attribution(mean(phis), reference_logits=mean(ref_logits), prefix_coefficients=mean(prefixes))

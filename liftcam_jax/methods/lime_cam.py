@@ -164,9 +164,12 @@ def lime_cam_coefficients(head, params, activations, targets, key, *, num_sample
     """LIME-CAM coefficients ``(B, K)`` and the per-image :class:`LassoFit`.
 
     Args:
-      head: ``head(params, A) -> (B, C)``.
+      head: ``head(params, A) -> (B, C)`` (any output, with a score function).
       activations: ``(B, h, w, K)`` maps or ``(B, N, K)`` tokens.
-      targets: ``(B,)`` ints.
+      targets: ``(B,)`` ints, or a score function ``fn(out) -> (B,)`` (:mod:`liftcam_jax.targets`).
+
+    Not differentiable: ``jax.grad`` through it raises a one-line
+    :class:`~liftcam_jax.errors.UsageError` (the Lasso is an iterative solver).
       key: PRNG key for the masks.
       num_samples: number of masks (default ``K``, as the authors).
       alpha, kernel_width: the Lasso penalty and the similarity kernel width.
@@ -181,9 +184,31 @@ def lime_cam_coefficients(head, params, activations, targets, key, *, num_sample
     masks = jax.random.bernoulli(key, 0.5, (n, k)).astype(a.dtype)
     y = coalition_values(head, params, a, targets, masks, chunk_size=chunk_size)  # (N, B)
     w = cosine_kernel_weights(a, masks, kernel_width)  # (N, B)
-    fit = jax.vmap(lambda yb, wb: weighted_lasso(masks, yb, wb, alpha, tol=tol, max_iter=max_iter),
-                   in_axes=(1, 1))(y, w)
+    fit = _not_differentiable(lambda masks, y, w: jax.vmap(
+        lambda yb, wb: weighted_lasso(masks, yb, wb, alpha, tol=tol, max_iter=max_iter), in_axes=(1, 1))(y, w))(
+        masks, y, w)
     return fit.coef, fit
+
+
+NOT_DIFFERENTIABLE = ("lime-cam cannot be differentiated: its Lasso is solved by an iterative loop "
+                      "(use lift-cam or a gradient method inside jax.grad)")
+
+
+def _not_differentiable(fun):
+    """``fun`` with a reverse-mode rule that raises a one-line :class:`UsageError` (:data:`NOT_DIFFERENTIABLE`).
+
+    Without it ``jax.grad`` through the Lasso's ``while_loop`` fails with JAX's
+    own multi-line message about loops."""
+    wrapped = jax.custom_vjp(fun)
+
+    def fwd(*args):
+        return fun(*args), None
+
+    def bwd(_, ct):
+        raise UsageError(NOT_DIFFERENTIABLE)
+
+    wrapped.defvjp(fwd, bwd)
+    return wrapped
 
 
 @register(

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from .. import lrp as _lrp, tokens as _tokens
+from .. import targets as _targets
 from ..explanation import Attribution
 from .registry import register
 
@@ -37,23 +38,34 @@ def lrp_cam_coefficients(head, params, activations, targets, *, epsilon=_lrp.DEF
     Args:
       head: ``head(params, A) -> (B, C)``.
       activations: ``A``, ``(B, h, w, K)`` maps or ``(B, N, K)`` tokens.
-      targets: ``(B,)`` ints, or ``(T, B)`` for ``T`` targets per image.
+      targets: ``(B,)`` ints, ``(T, B)`` for ``T`` targets per image, or a score
+        function ``fn(out) -> (B,)`` (:mod:`liftcam_jax.targets`): LRP of
+        ``score o head`` starting from the score's value (a class logit keeps the
+        one-hot start above).
       per_position: return the relevance per position, shaped like ``A``,
         instead of its sum over positions.
 
     Returns:
-      ``(phi, logits)``: ``phi`` is ``(B, K)`` (or ``(T, B, K)``), the spatial sum
-      of the relevance of the target logit at ``A``.
+      ``(phi, out)``: ``phi`` is ``(B, K)`` (or ``(T, B, K)``), the spatial sum
+      of the relevance of the target logit (score) at ``A``; ``out`` is the head's
+      output (the score's value for a score function).
     """
+    score = targets if callable(targets) else None
+    classes = _targets.class_indices(score) if score is not None else None
+    if score is not None and classes is None:  # a score function: LRP through it, from its value
+        prop = _lrp.propagate(lambda a: score(head(params, a)), activations, epsilon=epsilon)
+        r = prop.relevance(prop.out)
+        return (r if per_position else jnp.sum(r, axis=_tokens.position_axes(r))), prop.out
     prop = _lrp.propagate(lambda a: head(params, a), activations, epsilon=epsilon)
     logits = prop.out
-    targets = jnp.asarray(targets, jnp.int32)
+    targets = jnp.asarray(targets if classes is None else classes, jnp.int32)
 
     def coeffs(t):
+        t = jnp.broadcast_to(t, logits.shape[:1])
         r = prop.relevance(jax.nn.one_hot(t, logits.shape[-1], dtype=logits.dtype) * logits)
         return r if per_position else jnp.sum(r, axis=_tokens.position_axes(r))
 
-    phi = coeffs(targets) if targets.ndim == 1 else jax.vmap(coeffs)(targets)
+    phi = coeffs(targets) if targets.ndim <= 1 else jax.vmap(coeffs)(targets)
     return phi, logits
 
 

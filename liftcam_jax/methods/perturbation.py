@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .. import targets as _targets
 from ..errors import UsageError
 from .. import tokens as _tokens
 from ..explanation import Attribution, normalize, upsample
@@ -51,9 +52,9 @@ def _channels(channels, k: int) -> np.ndarray:
     return idx.astype(np.int32)
 
 
-def _pick(logits, targets):
-    """``logits[b, targets[b]]`` -> ``(B,)``."""
-    return jnp.take_along_axis(logits, targets[:, None], axis=1)[:, 0]
+def _rows(tree, n: int, b: int):
+    """Leaves ``(n * b, ...)`` -> ``(n, b, ...)``."""
+    return jax.tree_util.tree_map(lambda v: v.reshape((n, b) + v.shape[1:]), tree)
 
 
 def _scatter(values, idx: np.ndarray, k: int):
@@ -93,10 +94,15 @@ def score_cam(split, params, x, activations, targets, logits, *, key=None, chunk
     carries no spatial information: its mask is all zeros, so the masked input is
     the all-zero image for every such channel of every image. Its score is
     computed once, by one forward pass of that image, and the other forward passes
-    run on the non-constant maps only: the pairs (image, channel) are sorted with
-    the non-constant ones first and the chunks that hold none are skipped
-    (``lax.cond`` inside ``lax.map``; under an outer ``vmap`` the cond becomes a
-    select and nothing is skipped). Pretrained networks have many such channels:
+    run on the non-constant maps only: each image's channels are sorted with the
+    non-constant ones first, a forward pass scores ``chunk_size`` of these slots
+    of every image (the target's score reads a batch of ``B`` outputs), and the
+    chunks past the largest count of non-constant maps of an image are skipped
+    (``lax.cond`` inside ``lax.map``; under an outer ``vmap`` whose axis reaches
+    the predicate the cond becomes a select and nothing is skipped; a ``vmap``
+    over several targets leaves it, and the forward passes, unbatched).
+    The target's score (:mod:`liftcam_jax.targets`) stands for the logit
+    :math:`f^c` wherever a target is given as a function. Pretrained networks have many such channels:
     about 45% of EfficientNet-Lite0's 1280 ``head_conv`` maps on ImageNet photos.
 
     Deliberate differences from pytorch-grad-cam 1.5.7: it upsamples the maps
@@ -113,34 +119,40 @@ def score_cam(split, params, x, activations, targets, logits, *, key=None, chunk
     layout = _tokens.resolve(activations, x.shape[1:3], split.tokens)
     if layout is not None:  # the grid tokens' maps; split(params, x) is the whole model
         activations = _tokens.to_grid(activations, layout)
+    score = _targets.as_score(targets)
     b, h, w, k = activations.shape
     idx = _channels(channels, k)
     n = idx.size
-    maps = jnp.moveaxis(activations[..., idx], 3, 1).reshape(b * n, h, w)  # pair p = image * n + channel
-    alive = jnp.max(maps, axis=(1, 2)) > jnp.min(maps, axis=(1, 2))
-    image = jnp.arange(b * n) // n
-    pair_targets = targets[image]
+    maps = jnp.moveaxis(activations[..., idx], 3, 1)  # (B, n, h, w)
+    alive = jnp.max(maps, axis=(2, 3)) > jnp.min(maps, axis=(2, 3))  # (B, n)
     # Every constant map masks the input to zeros: one forward pass scores them all.
-    zero_score = split(params, jnp.zeros_like(x[:1]))[0][pair_targets]
+    zero_out = jax.tree_util.tree_map(lambda v: jnp.broadcast_to(v, (b,) + v.shape[1:]),
+                                      split(params, jnp.zeros_like(x[:1])))
+    zero_score = score(zero_out)  # (B,)
 
-    per_call = chunk_size * b  # as many masked images per forward pass as before: chunk_size per image
-    calls = -(-(b * n) // per_call)
-    order = jnp.argsort(jnp.logical_not(alive), stable=True)  # non-constant maps first
-    order = jnp.concatenate([order, jnp.zeros(calls * per_call - b * n, order.dtype)])
-    n_alive = jnp.sum(alive)
+    # Slot j of image i is its j-th channel, the non-constant ones first; a call scores chunk_size slots of
+    # every image (chunk_size * B masked images, one batch of B per slot, as the score reads them).
+    calls = -(-n // chunk_size)
+    order = jnp.argsort(jnp.logical_not(alive), axis=1, stable=True)  # (B, n)
+    order = jnp.concatenate([order, jnp.zeros((b, calls * chunk_size - n), order.dtype)], axis=1)
+    n_alive = jnp.max(jnp.sum(alive, axis=1))
+    rows = jnp.arange(b)
 
     def call(c):  # the masks are made per call: memory ~ chunk_size * B images
-        p = jax.lax.dynamic_slice_in_dim(order, c * per_call, per_call)
+        slots = jax.lax.dynamic_slice_in_dim(order, c * chunk_size, chunk_size, axis=1).T  # (chunk, B)
 
-        def forward(p):
-            m = score_cam_mask(maps[p], x.shape[1:3])
-            return _pick(split(params, x[image[p]] * m[..., None].astype(x.dtype)), pair_targets[p])
+        def forward(slots):
+            m = score_cam_mask(maps[rows[None, :], slots].reshape(-1, h, w), x.shape[1:3])  # (chunk * B, H, W)
+            xs = jnp.broadcast_to(x[None], (chunk_size,) + x.shape).reshape((-1,) + x.shape[1:])
+            out = _rows(split(params, xs * m[..., None].astype(x.dtype)), chunk_size, b)
+            return jax.vmap(score)(out).astype(x.dtype)  # (chunk, B)
 
-        return jax.lax.cond(c * per_call < n_alive, forward, lambda p: jnp.zeros(p.shape, x.dtype), p)
+        return jax.lax.cond(c * chunk_size < n_alive, forward, lambda s: jnp.zeros(s.shape, x.dtype), slots)
 
-    scores = jax.lax.map(call, jnp.arange(calls)).reshape(-1)
-    scores = jnp.zeros(b * n, scores.dtype).at[order[: b * n]].set(scores[: b * n])
-    scores = jnp.where(alive, scores, zero_score).reshape(b, n)
+    scores = jax.lax.map(call, jnp.arange(calls))  # (calls, chunk, B)
+    scores = jnp.moveaxis(scores.reshape(calls * chunk_size, b), 0, 1)[:, :n]  # (B, n) by slot
+    scores = jnp.zeros((b, n), scores.dtype).at[rows[:, None], order[:, :n]].set(scores)
+    scores = jnp.where(alive, scores, zero_score[:, None].astype(scores.dtype))
     weights = jax.nn.softmax(scores, axis=-1)
     return Attribution(_scatter(weights, idx, k))
 
@@ -190,11 +202,12 @@ def ablation_cam(split, params, x, activations, targets, logits, *, key=None, ch
     else:
         value = jnp.broadcast_to(jnp.asarray(ablation_value, a.dtype), a.shape[:1])
     value = value.astype(a.dtype).reshape((-1,) + (1,) * (a.ndim - 1))
-    original = _pick(logits, targets)
+    score = _targets.as_score(targets)
+    original = score(logits)
     channel = jnp.arange(k)
 
     def ablated_score(c):
-        return _pick(split.head(params, jnp.where(channel == c, value, a)), targets)  # (B,)
+        return score(split.head(params, jnp.where(channel == c, value, a)))  # (B,)
 
     scores = jax.lax.map(ablated_score, jnp.asarray(idx), batch_size=chunk_size)  # (n, B)
     weights = (original[:, None] - scores.T) / original[:, None]

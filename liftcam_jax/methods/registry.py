@@ -5,8 +5,12 @@ A method is a pure function::
     method(split, params, x, activations, targets, logits, *, key=None, **options) -> Attribution
 
 ``activations = split.features(params, x)`` and ``logits = split.head(params,
-activations)`` are computed once by :func:`liftcam_jax.explain` and handed in;
-``targets`` is ``(B,)`` int32. It returns channel (or per-position) weights and
+activations)`` (the head's output, any pytree) are computed once by
+:func:`liftcam_jax.explain` and handed in; ``targets`` is the explained score, a
+function ``fn(out) -> (B,)`` of the head's output (:mod:`liftcam_jax.targets`;
+the built-in methods also take ``(B,)`` class indices, as
+:func:`liftcam_jax.targets.as_score` reads them). With several targets per
+image the method runs under ``jax.vmap`` over the scores. It returns channel (or per-position) weights and
 whatever it wants to report; the map is assembled by
 :func:`liftcam_jax.explanation.assemble`, the same for every method.
 

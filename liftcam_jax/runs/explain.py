@@ -44,7 +44,11 @@ smoothing or layer fusion ``raw_axes``, ``coefficients_axes`` (what ``raw`` and
 (:meth:`liftcam_jax.smoothing.Smoothing.layout`), and
 for labelled inputs (TFDS ``ClassLabel``) the dataset's ``label`` and ``label_name``;
 the ``.png`` is the map over the image the model saw (the resized input; for
-``.npy`` inputs the input de-normalised). ``manifest.jsonl`` has one JSON line
+``.npy`` inputs the input de-normalised). With ``T`` targets per image
+(``target="top5"``, ``target=(285, 281)``) the one ``.npz`` holds ``map``
+``(T, H, W)``, ``raw`` ``(T, h, w)``, ``coefficients`` ``(T, K)`` and ``target``
+``(T,)``, and there is one overlay per target, ``<id>.t<i>.png`` for the
+``i``-th target (the manifest's ``target`` and ``target_name`` are lists). ``manifest.jsonl`` has one JSON line
 per input: ``id``, ``source``, ``status`` (``done``/``failed``),
 ``outputs``, ``error``, ``target``, ``target_name``, ``predicted``,
 ``predicted_name``, ``label``, ``label_name``. ``run.json`` records the model, layer, method and target:
@@ -63,7 +67,7 @@ import math
 import os
 import sys
 import time
-from typing import Dict, List, NamedTuple, Optional, Sequence, Union
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -76,7 +80,7 @@ from .folder import RunFolder, status
 from .loop import (Entry, Meta, Progress, compiled_step, configure, label_class, label_classes,
                    num_classes, padded_size, process_share, run_loop)
 
-__all__ = ["RunConfig", "RunSummary", "output_paths", "run"]
+__all__ = ["RunConfig", "RunSummary", "TargetChoice", "output_paths", "parse_target", "run"]
 
 SAVE_MODES = ("overlay", "raw", "both")
 
@@ -109,13 +113,14 @@ class RunSummary:
         )
 
 
-def output_paths(item_id: str, save: str) -> List[str]:
-    """Relative output file names of an item for a ``save`` mode."""
+def output_paths(item_id: str, save: str, count: int = 1) -> List[str]:
+    """Relative output file names of an item for a ``save`` mode; ``count`` targets per image give one
+    ``.npz`` and ``count`` overlays ``<id>.t<i>.png`` (one target: ``<id>.png``)."""
     out = []
     if save in ("raw", "both"):
         out.append(item_id + ".npz")
     if save in ("overlay", "both"):
-        out.append(item_id + ".png")
+        out += [item_id + ".png"] if count == 1 else [f"{item_id}.t{i}.png" for i in range(count)]
     return out
 
 
@@ -131,9 +136,13 @@ class RunConfig:
     """How :func:`run` explains: every option of ``liftcam-jax explain``.
 
     method: a registered method (its name or :class:`~liftcam_jax.methods.Method`); options: its keyword options; target:
-    ``None``/``"auto"`` (predicted), ``"label"`` (each image's dataset label,
-    mapped by :func:`liftcam_jax.data.label_mapping` with ``data.label_map``) or a
-    class index; batch_size: images per step (rounded up to a multiple of the
+    what :func:`parse_target` reads: ``None``/``"predicted"`` (the predicted class),
+    ``"label"`` (each image's dataset label, mapped by
+    :func:`liftcam_jax.data.label_mapping` with ``data.label_map``), ``"auto"``
+    (``"label"`` when every input is labelled, else the predicted class), a class
+    index, several class indices (``(285, 281)`` or ``"285,281"``: each for every
+    image) or ``"topK"`` (each image's ``K`` highest-scoring classes); score: how a
+    class is scored, ``"logit"`` or ``"rest"`` (:data:`liftcam_jax.targets.SCORES`); batch_size: images per step (rounded up to a multiple of the
     devices); save: ``"both"``, ``"raw"`` (.npz) or ``"overlay"`` (.png);
     seed: batch ``i`` of a randomised method uses ``fold_in(PRNGKey(seed), i)``;
     limit: the first ``limit`` inputs only; workers/prefetch: decoding threads
@@ -147,7 +156,8 @@ class RunConfig:
 
     method: Union[str, _methods.Method] = "lift-cam"
     options: Optional[dict] = None
-    target: Union[None, str, int] = None
+    target: Union[None, str, int, Sequence[int]] = None
+    score: str = "logit"
     batch_size: int = 32
     save: str = "both"
     seed: int = 0
@@ -165,11 +175,70 @@ class RunConfig:
     smoothing: Optional[Smoothing] = None
 
 
+class TargetChoice(NamedTuple):
+    """What a run explains per image (:func:`parse_target`): ``kind`` is ``"predicted"``, ``"label"``,
+    ``"auto"`` (label when the inputs are labelled, else predicted), ``"classes"`` (``classes``, the same
+    for every image) or ``"top"`` (the ``top_k`` highest-scoring classes)."""
+
+    kind: str
+    classes: Tuple[int, ...] = ()
+    top_k: Optional[int] = None
+
+    @property
+    def count(self) -> int:
+        """Targets per image."""
+        return self.top_k if self.kind == "top" else max(len(self.classes), 1)
+
+    @property
+    def several(self) -> bool:
+        return self.kind == "top" or len(self.classes) > 1
+
+    def label(self) -> Union[str, int, List[int]]:
+        """How ``run.json`` records it."""
+        if self.kind == "classes":
+            return self.classes[0] if len(self.classes) == 1 else list(self.classes)
+        if self.kind == "top":
+            return f"top{self.top_k}"
+        return "auto" if self.kind == "predicted" else self.kind  # "auto": the predicted class, as before
+
+
+TARGET_WORDS = "'predicted', 'label', 'auto', 'topK' (e.g. top5), a class index or several ('285,281')"
+
+
+def parse_target(target) -> TargetChoice:
+    """``None``, ``"predicted"``, ``"label"``, ``"auto"``, ``"top5"``, ``285``, ``"285,281"`` or ``(285, 281)``
+    -> a :class:`TargetChoice`; a one-line :class:`UsageError` for anything else (ranges are checked by
+    :func:`run`)."""
+    if target is None:
+        return TargetChoice("predicted")
+    if isinstance(target, (int, np.integer)) and not isinstance(target, bool):
+        return TargetChoice("classes", (int(target),))
+    if isinstance(target, (tuple, list)):
+        items = list(target)
+    else:
+        text = str(target).strip().lower()
+        if text in ("predicted", "label", "auto"):
+            return TargetChoice(text)
+        if text.startswith("top"):
+            try:
+                return TargetChoice("top", (), positive_int("K of topK", int(text[3:])))
+            except ValueError:
+                raise UsageError(f"bad target {target!r}; use {TARGET_WORDS}") from None
+        items = [p.strip() for p in text.split(",")]
+    try:
+        classes = tuple(int(str(c)) for c in items)
+    except ValueError:
+        classes = ()
+    if not classes or any(isinstance(c, bool) for c in items):
+        raise UsageError(f"bad target {target!r}; use {TARGET_WORDS}")
+    return TargetChoice("classes", classes)
+
+
 class _Plan(NamedTuple):
     """What :func:`run` decided before any work, for the writer."""
 
     method: _methods.Method
-    target: Union[None, str, int]  # None (predicted), "label" or a class index
+    target: TargetChoice  # never "auto": resolved to "label" or "predicted"
     classes: int
     mappings: Dict[int, Optional[np.ndarray]]  # id(source) -> dataset label -> class (target "label")
     source_of: Dict[str, int]  # item id -> id(source)
@@ -198,14 +267,17 @@ def run(classifier, inputs: Union[Sequence[str], Sequence[Source]], config: Opti
     if not sources or not all(isinstance(s, Source) for s in sources):
         d = cfg.data
         sources = open_inputs([os.fspath(s) for s in sources], options=d)
+    if target.kind == "auto":  # label when every input has labels, else the predicted class
+        labelled = all(s.labels_are_classes or s.label_names is not None for s in sources)
+        target = TargetChoice("label" if labelled else "predicted")
     mappings = {id(s): label_classes(classifier, s, classes, cfg.data.label_map) for s in sources
-                if target == "label"}
+                if target.kind == "label"}
     pi, pc = process_share(cfg.process_index, cfg.process_count)
     folder = RunFolder(out_dir, _identity(classifier, cfg, method, target), "explain", pi, pc)
     listing = [(s, it) for s in sources for it in s.items][: cfg.limit]
     share = distributed.share(listing, pi, pc, [s.sequential for s, _ in listing])
     todo = [(s, it) for s, it in share if not _is_done(folder.previous.get(it.id), folder.path,
-                                                        output_paths(it.id, cfg.save))]
+                                                        output_paths(it.id, cfg.save, target.count))]
     work = [(s, [it for s2, it in todo if s2 is s]) for s in sources if any(s2 is s for s2, _ in todo)]
     devs = tuple(jax.local_devices() if cfg.devices is None else cfg.devices)
     bs = int(math.ceil(int(cfg.batch_size) / len(devs)) * len(devs))
@@ -235,8 +307,9 @@ def run(classifier, inputs: Union[Sequence[str], Sequence[Source]], config: Opti
 
 
 def _check_config(cfg: RunConfig, classes: int):
-    """Validate ``cfg`` before any work (:class:`UsageError`); returns the method and the target:
-    ``None``, ``"label"`` or an int."""
+    """Validate ``cfg`` before any work (:class:`UsageError`); returns the method and the
+    :class:`TargetChoice`."""
+    from ..targets import class_score
     from ..viz import CMAPS
 
     if cfg.save not in SAVE_MODES:
@@ -249,33 +322,43 @@ def _check_config(cfg: RunConfig, classes: int):
         raise UsageError(f"unknown colormap {cfg.cmap!r}; valid: {', '.join(CMAPS)}")
     if not 0.0 <= float(cfg.alpha) <= 1.0:
         raise UsageError(f"alpha must be in [0, 1], got {cfg.alpha}")
-    target = cfg.target
-    if isinstance(target, str):
-        word = target.strip().lower()
-        if word in ("auto", "label"):
-            return method, None if word == "auto" else "label"
-        try:
-            target = int(target)
-        except ValueError:
-            raise UsageError(f"bad target {target!r}; use 'auto', 'label' or a class index") from None
-    if target is not None and not 0 <= int(target) < classes:
-        raise UsageError(f"target index {target} out of range ({classes} classes: 0..{classes - 1})")
-    return method, None if target is None else int(target)
+    if not isinstance(cfg.score, str):
+        raise UsageError(f"score must be a name, got {cfg.score!r}")
+    class_score(cfg.score)  # an unknown name lists the valid ones
+    target = parse_target(cfg.target)
+    for t in target.classes:
+        if not 0 <= t < classes:
+            raise UsageError(f"target index {t} out of range ({classes} classes: 0..{classes - 1})")
+    if target.kind == "top" and target.top_k > classes:
+        raise UsageError(f"target top{target.top_k}: the model has only {classes} classes")
+    return method, target
 
 
-def _identity(classifier, cfg: RunConfig, method: _methods.Method, target) -> dict:
+def _step_options(cfg: RunConfig, target: TargetChoice) -> dict:
+    """The method's options, and how :func:`liftcam_jax.explain` picks and scores the targets."""
+    options = dict(cfg.options or {})
+    if target.kind == "top":
+        options["top_k"] = target.top_k
+    if cfg.score != "logit":
+        options["score"] = cfg.score
+    return options
+
+
+def _identity(classifier, cfg: RunConfig, method: _methods.Method, target: TargetChoice) -> dict:
     """What ``run.json`` records: resuming a folder with another identity is refused."""
     identity = {
         "model": classifier.name,
         "layer": classifier.layer,
         "method": method.name,
-        "target": "auto" if target is None else target,
+        "target": target.label(),
         "options": {k: repr(v) for k, v in sorted((cfg.options or {}).items())},
         "input_size": int(classifier.preprocess.size),
     }
     if classifier.split.tokens is not None:  # --tokens: an explicit token layout
         identity["tokens"] = str(classifier.split.tokens)
-    if target == "label":
+    if cfg.score != "logit":
+        identity["score"] = cfg.score
+    if target.kind == "label":
         lm = cfg.data.label_map
         identity["label_map"] = lm if lm is None or isinstance(lm, str) else repr(lm)
     if cfg.smoothing is not None and cfg.smoothing.active:
@@ -293,7 +376,7 @@ class _Writer:
 
         self.jax, self.c, self.cfg, self.plan, self.target = jax, classifier, cfg, plan, plan.target
         self.folder, self.progress, self.summary = folder, progress, summary
-        self.step, self.data, repl = compiled_step(classifier.split, plan.method, dict(cfg.options or {}),
+        self.step, self.data, repl = compiled_step(classifier.split, plan.method, _step_options(cfg, plan.target),
                                                    plan.devices, cfg.smoothing)
         active = cfg.smoothing is not None and cfg.smoothing.active
         self.layout = cfg.smoothing.layout(classifier.layer) if active else {}
@@ -301,17 +384,21 @@ class _Writer:
         self.base_key = jax.random.PRNGKey(cfg.seed) if plan.method.needs_key else None
 
     def fail(self, item: Item, msg: str, meta: Optional[Meta] = None) -> None:
-        fixed = isinstance(self.target, int)
+        fixed = self.target.kind == "classes"
+        classes = list(self.target.classes) if self.target.several else self.target.classes[:1]
         self.folder.append({
             "id": item.id, "source": item.source, "status": "failed", "outputs": [], "error": msg,
-            "target": self.target if fixed else None,
-            "target_name": self.c.class_name(self.target) if fixed else None,
+            "target": (classes if self.target.several else classes[0]) if fixed else None,
+            "target_name": self._names(classes) if fixed else None,
             "predicted": None, "predicted_name": None,
             "label": None if meta is None else meta.label, "label_name": None if meta is None else meta.label_name,
         })
         self.summary.failed += 1
         self.progress.update(1)
         self.progress.write(f"liftcam-jax: failed: {item.source}: {msg}")
+
+    def _names(self, classes):
+        return [self.c.class_name(t) for t in classes] if self.target.several else self.c.class_name(classes[0])
 
     def _label_class(self, e: Entry) -> Optional[int]:
         """The model class of the entry's dataset label (``target="label"``), or ``None``: the entry failed."""
@@ -325,21 +412,21 @@ class _Writer:
     def launch(self, entries: List[Entry], index: int):
         jax = self.jax
         targets = None
-        if self.target == "label":
+        if self.target.kind == "label":
             classes = [self._label_class(e) for e in entries]
             entries = [e for e, t in zip(entries, classes) if t is not None]
             targets = [t for t in classes if t is not None]
             if not entries:
                 return None
-        elif self.target is not None:
-            targets = [self.target] * len(entries)
+        elif self.target.kind == "classes":
+            targets = [self.target.classes if self.target.several else self.target.classes[0]] * len(entries)
         n = padded_size(len(entries), self.plan.batch_size, len(self.plan.devices))
         x = np.zeros((n, *entries[0].x.shape), np.float32)
         for i, e in enumerate(entries):
             x[i] = e.x
         ts = None
         if targets is not None:
-            t = np.zeros((n,), np.int32)
+            t = np.zeros((n,) + np.shape(targets[0]), np.int32)
             t[: len(targets)] = targets
             ts = jax.device_put(t, self.data)
         key = None if self.base_key is None else jax.random.fold_in(self.base_key, index)
@@ -351,11 +438,13 @@ class _Writer:
         # files on a few threads (zlib, PIL and the file system release the GIL); lines in order, after the files
         with files.OrderedWrites(workers=2, pending=len(entries)) as writes:
             for i, e in enumerate(entries):
-                outputs = output_paths(e.item.id, self.cfg.save)
-                tgt, pred = int(host.targets[i]), int(np.argmax(host.logits[i]))
+                outputs = output_paths(e.item.id, self.cfg.save, self.target.count)
+                pred = int(np.argmax(host.logits[i]))
+                tgt = [int(t) for t in host.targets[i]] if self.target.several else int(host.targets[i])
                 record = {
                     "id": e.item.id, "source": e.item.source, "status": "done", "outputs": outputs, "error": None,
-                    "target": tgt, "target_name": self.c.class_name(tgt),
+                    "target": tgt,
+                    "target_name": self._names(tgt) if self.target.several else self.c.class_name(tgt),
                     "predicted": pred, "predicted_name": self.c.class_name(pred),
                     "label": e.meta.label, "label_name": e.meta.label_name,
                 }
@@ -387,7 +476,7 @@ class _Writer:
                 raw=np.asarray(host.raw[i], np.float32),
                 coefficients=np.asarray(host.coefficients[i], np.float32),
                 logits=np.asarray(host.logits[i], np.float32),
-                target=np.int64(host.targets[i]),
+                target=np.asarray(host.targets[i], np.int64),
                 predicted=np.int64(np.argmax(host.logits[i])),
                 reference_logits=None if host.reference_logits is None
                 else np.asarray(host.reference_logits[i], np.float32),
@@ -399,4 +488,7 @@ class _Writer:
             )
         else:
             base = e.shown if e.shown is not None else self.c.preprocess.denormalize(e.x)
-            files.write_png(path, overlay(base, np.asarray(host.maps[i]), alpha=self.cfg.alpha, cmap=self.cfg.cmap))
+            m = np.asarray(host.maps[i])
+            if self.target.several:  # <id>.t<k>.png: the k-th target's map
+                m = m[int(rel[len(e.item.id) + 2: -len(".png")])]
+            files.write_png(path, overlay(base, m, alpha=self.cfg.alpha, cmap=self.cfg.cmap))
