@@ -181,7 +181,7 @@ def explain_smoothed(splits: Union[Split, Sequence[Split]], params, x, targets=N
         raise UsageError("no splits to explain")
     if fusion not in FUSIONS:
         raise UsageError(f"unknown fusion {fusion!r}; valid: {', '.join(FUSIONS)}")
-    if callable(targets) or jnp.ndim(targets) > 1 or options.get("top_k") is not None:
+    if callable(targets) or (targets is not None and jnp.ndim(targets) > 1) or options.get("top_k") is not None:
         raise UsageError("smoothing and layer fusion explain one class per image: give class indices "
                          "(one int or one per image), not a target function, (B, T) targets or top_k")
     method = eigen_smoothed(method) if eigen_smooth else _methods.resolve(method)

@@ -75,11 +75,11 @@ def test_shapley_cam_parity(head, score, layer, captured_hvp):
     err = np.abs(np.asarray(e.maps) - ref).max()
 
     a = split.features(params, jnp.asarray(x))
-    _, hvp = shapley_terms(split.head, params, a, jnp.asarray(targets), score)
+    _, hvp = shapley_terms(split.head, params, a, lj.targets.SCORES[score](jnp.asarray(targets)))
     ours = -0.5 * np.asarray(hvp)
     (theirs,) = captured_hvp
     theirs = np.zeros_like(ours) if theirs is None else -0.5 * theirs.transpose(0, 2, 3, 1)
-    g, _ = shapley_terms(split.head, params, a, jnp.asarray(targets), score)
+    g, _ = shapley_terms(split.head, params, a, lj.targets.SCORES[score](jnp.asarray(targets)))
     size = np.abs(theirs).max() / np.abs(np.asarray(g)).max()
     print(f"\nshapley-cam {head} head, {score}, {layer}: maps max abs error {err:.2e}; "
           f"|1/2 H A| / |g| = {size:.2e}", end="")
