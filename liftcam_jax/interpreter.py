@@ -874,10 +874,11 @@ def forward(jaxpr, consts, args, dep_pos, ctx) -> Trace:
                         f"{jnp.result_type(table.primal(ins[i]))} value; {table.rule_name} needs real-valued paths"
                     )
             if what == "region":
-                for v in eqn.outvars:
-                    if not jnp.issubdtype(v.aval.dtype, jnp.inexact):
+                for m in item.members:
+                    v = m.outvars[0]
+                    if v in eqn.outvars and not jnp.issubdtype(v.aval.dtype, jnp.inexact):
                         raise table.error(
-                            f"primitive {P.label(eqn)} computes a {v.aval.dtype} value from the input "
+                            f"primitive {m.primitive.name!r} computes a {v.aval.dtype} value from the input "
                             f"(a data-dependent branch or index has no {table.rule_name} rule)"
                         )
             rule = table.kinds["elementwise"] if what == "region" else table.lookup(eqn, ins, dep_idx)
@@ -886,9 +887,8 @@ def forward(jaxpr, consts, args, dep_pos, ctx) -> Trace:
                 if isinstance(v, jcore.DropVar) or not table.depends(o):
                     continue
                 if not is_float(table.primal(o)):
-                    bad = P.label(eqn) if what == "region" else repr(name)
                     raise table.error(
-                        f"primitive {bad} computes a {jnp.result_type(table.primal(o))} value "
+                        f"primitive {name!r} computes a {jnp.result_type(table.primal(o))} value "
                         f"from the input (a data-dependent branch or index has no {table.rule_name} rule)"
                     )
                 dep.add(v)

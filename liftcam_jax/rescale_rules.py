@@ -43,14 +43,30 @@ with the reciprocal's secant, which is exact and closed-form,
            \quad \bar c = \tfrac12\big(\tfrac1b + \tfrac1{b'}\big),
 
 defined wherever :math:`b, b' \ne 0` (also at :math:`b = b'`: no fallback
-needed, and differentiable). With only the denominator input-dependent,
+needed, and differentiable). These are the exact Shapley values of the two
+operands, but they can be large and cancel: with a denominator far smaller at
+the reference (a softmax whose reference logits are 20 below the input's),
+:math:`a / b'` is huge, and float32 loses the difference. So where all four
+of :math:`a, a', b, b'` are positive (softmax's normalisation, a norm's
+``x / sqrt(...)`` of a positive ``x``), the quotient is taken as
+:math:`\exp(\log a - \log b)` through DeepLIFT's own rules: log's secants
+:math:`s_a = \frac{\log a - \log a'}{a - a'}` and :math:`s_b`, the linear
+difference, and exp's secant :math:`s_q = \frac{q - q'}{\log q - \log q'}`,
+
+.. math::  \Delta\frac{a}{b} = s_q\,(s_a\,\Delta a - s_b\,\Delta b),
+
+as exact (a composition of secants), with terms of the size of the result's
+difference: through :math:`a = e^{x}`, :math:`s_a\,\Delta a = \Delta x`.
+Elements of other signs take the product form; the choice is per element, so
+the map stays linear and exact. With only the denominator input-dependent,
 :math:`c / b` is an elementwise function of one value (its secant). A softmax
 inside the head, :math:`e_i / \sum_j e_j` with :math:`e = \exp(x - s)`, is then
 exp's secant, a linear sum and this quotient rule: exact. Its attributions do
 not depend on a shift :math:`s` shared by the input and the reference
 (:func:`liftcam_jax.interpreter.plan`, :func:`shift`): :math:`e \to k e`
 scales :math:`\Delta a, \bar a, b, b'` by :math:`k = e^{-s}` and leaves both
-terms unchanged; so ``jax.nn.softmax`` and ``exp(x) / exp(x).sum()`` have the
+terms unchanged (in the log form below, :math:`\log k` cancels in
+:math:`\log a - \log b` and in the log secants' differences); so ``jax.nn.softmax`` and ``exp(x) / exp(x).sum()`` have the
 same attributions. Likewise :math:`\log \sum_j e^{x_j - s} + s`
 (``jax.nn.logsumexp``): log's secant scales by :math:`1/k`.
 
@@ -151,18 +167,28 @@ def _bilinear(eqn, ins, dep_idx):
     return [Pair(v, r) for v, r in zip(vals, refs)], lambda da, db: list(lin(da, db))
 
 
-def _quotient(eqn, ins, dep_idx):
+def _quotient(eqn, ins, dep_idx, eps):
     a, b = ins[0], ins[1]
     a_r, b_r = ref(a), ref(b)
     (out,) = interpreter.bind(eqn, [a.val, b.val])
     (out_r,) = interpreter.bind(eqn, [a_r, b_r])
     shape = tuple(eqn.outvars[0].aval.shape)
+    # a * (1 / b): the product split composed with the reciprocal's exact secant
     c_mid = (1 / b.val + 1 / b_r) / 2
     a_mid = (a.val + a_r) / 2
-    recip_slope = -1 / (b.val * b_r)  # the reciprocal's exact secant
+    recip_slope = -1 / (b.val * b_r)
+    # positive operands: exp(log a - log b), log's and exp's secants (the same sum, well conditioned)
+    positive = (a.val > 0) & (a_r > 0) & (b.val > 0) & (b_r > 0)
+    one = lambda u: jnp.where(positive, u, 1.0)  # noqa: E731  (no NaN in the branch not taken)
+    _, _, log_a = secant(jnp.log, Pair(one(a.val), one(a_r)), eps)
+    _, _, log_b = secant(jnp.log, Pair(one(b.val), one(b_r)), eps)
+    q, q_r = one(a.val) / one(b.val), one(a_r) / one(b_r)
+    _, _, exp_q = secant(jnp.exp, Pair(jnp.log(q), jnp.log(q_r)), eps)
+    coef_a = jnp.where(positive, exp_q * log_a, c_mid)
+    coef_b = jnp.where(positive, -exp_q * log_b, a_mid * recip_slope)
 
     def tangent(da, db):
-        return [jnp.broadcast_to(c_mid * da + a_mid * (recip_slope * db), shape)]
+        return [jnp.broadcast_to(coef_a * da + coef_b * db, shape)]
 
     return [Pair(out, out_r)], tangent
 
@@ -171,7 +197,7 @@ def product_rule(eqn, ins, dep_idx, ctx):
     r"""The rule of a product or quotient of two input-dependent values (module docstring)."""
     ctx.nonlinear.append(primitives.label(eqn))
     if primitives.facts(eqn.primitive.name).product == "quotient":
-        return _quotient(eqn, ins, dep_idx)
+        return _quotient(eqn, ins, dep_idx, ctx.eps)
     return _bilinear(eqn, ins, dep_idx)
 
 
