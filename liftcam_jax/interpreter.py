@@ -17,9 +17,18 @@ rule``). :func:`forward` walks a jaxpr once, in order:
 The rule of a primitive is found in this order: the table's per-primitive
 entries (rules users register with ``register_rule``, then the built-in
 rewrites and refusals below), then its *kind* (:func:`classify`: ``linear``,
-``elementwise``, ``chooser``, ``call``, ``custom_jvp``), whose rule each table
-defines. A primitive with no rule raises the table's error naming it; nothing
-falls back to gradients.
+``elementwise``, ``chooser``, ``product``, ``call``, ``custom_jvp``), whose
+rule each table defines. A primitive with no rule raises the table's error
+naming it; nothing falls back to gradients.
+
+*Patterns* found on the jaxpr before the rules run (:func:`plan`): an
+elementwise sub-computation of one value (GELU, SiLU, ``leaky_relu``: an
+*elementwise region*) takes the table's elementwise rule as a whole, and the
+``stop_gradient`` of a maximum that softmax and logsumexp subtract is a
+*max-shift*, one value (the table's ``shift``) shared by the input and the
+reference. *The head's output* is defined in :func:`softmax_at_output`; a
+softmax or log-softmax there is refused by :func:`check_output` (the callers
+decide, e.g. ``rescale.linearize(..., allow_softmax_output=True)``).
 
 *Rewrites* shared by every table. Some primitives are rewritten into an
 equivalent jaxpr of primitives that have rules, which is then interpreted as a
@@ -40,9 +49,8 @@ nothing is computed twice):
   rule; a concrete index takes its branch only.
 
 Refused with the primitive named: ``while`` (a trip count decided by values),
-``stop_gradient`` of an input-dependent value (the max-shift of
-``softmax``/``log_softmax``: explain the logits), ``log_softmax``/``softmax``
-calls, and any other primitive that carries a jaxpr but is not a known call.
+``stop_gradient`` of an input-dependent value that is not a max-shift, and
+any other primitive that carries a jaxpr but is not a known call.
 """
 from __future__ import annotations
 
@@ -59,9 +67,12 @@ __all__ = [
     "MAX_UNROLL",
     "live_equations",
     "RuleTable",
+    "check_output",
     "classify",
     "forward",
+    "plan",
     "primitive_name",
+    "softmax_at_output",
 ]
 
 MAX_UNROLL = 1024

@@ -78,6 +78,7 @@ __all__ = [
     "label",
     "names",
     "param",
+    "region_label",
     "sub_jaxpr",
 ]
 

@@ -29,6 +29,13 @@ map of the incoming differences:
   ``tanh``, ..., and ``custom_jvp`` functions such as ``jax.nn.relu``,
   ``relu6`` whose body is elementwise, treated as one function): the secant
   slope above;
+* products and quotients of two input-dependent values (``mul``,
+  ``dot_general`` of queries and keys, ``div`` of softmax's normalisation):
+  the exact two-player Shapley split (:mod:`liftcam_jax.rescale_rules`, with
+  the max-shift of softmax and logsumexp shared by the input and the
+  reference); an elementwise function of one value however it is written
+  (``jax.nn.gelu``, ``silu``): one secant as a whole
+  (:func:`liftcam_jax.interpreter.plan`). LayerNorm and RMSNorm follow;
 * max-pooling (``reduce_window_max``, ``reduce_max``): Captum's DeepLift
   max-pool rule. With ``o = max(window)`` and ``o_r`` its reference value, the
   output difference is split into ``max(o, o_r) - o_r``, routed to the actual
@@ -42,11 +49,12 @@ map of the incoming differences:
 
 The rules are a table keyed by primitive over the interpreter of
 :mod:`liftcam_jax.interpreter`; :func:`register_rule` adds a user's rule.
-Anything else that depends on the input (a product of two input-dependent
-values, a data-dependent branch, an integer computed from the input, a
-``while`` loop, the ``stop_gradient`` inside ``softmax``) has no rescale
-rule and raises :class:`NoRescaleRule` (a :class:`~liftcam_jax.errors.LiftcamError`)
-naming the primitive; this module never falls back to gradients silently.
+Anything else that depends on the input (a data-dependent branch, an integer
+computed from the input, a ``while`` loop, a ``stop_gradient`` other than a
+max-shift) has no rescale rule and raises :class:`NoRescaleRule` (a
+:class:`~liftcam_jax.errors.LiftcamError`) naming the primitive, and so does
+a softmax at the head's output unless the caller asks for it (explain the
+logits); this module never falls back to gradients silently.
 """
 from __future__ import annotations
 
@@ -234,11 +242,13 @@ def register_rule(primitive, rule: Optional[Callable]):
     A registered rule takes precedence over the built-in one; ``rule=None``
     removes it. Returns the rule registered before (or ``None``).
 
-    Example, a squeeze-excitation gate ``x * sigmoid(s(x))`` multiplies two
-    activations, which no built-in rule explains. The product's difference
-    splits exactly into :math:`\Delta(ab) = \bar b\,\Delta a + \bar a\,\Delta b`
+    Example, the built-in rule of a product of two activations (a
+    squeeze-excitation gate ``x * sigmoid(s(x))``, :mod:`liftcam_jax.rescale_rules`)
+    splits its difference exactly into :math:`\Delta(ab) = \bar b\,\Delta a + \bar a\,\Delta b`
     with the averages :math:`\bar a = (a + a_{ref})/2` (the Shapley split of a
-    product of two players)::
+    product of two players); written as a user's rule it reads (register a
+    different split the same way, e.g. all of the difference to the signal,
+    ``lambda da, db: b * da + ar * db``)::
 
         def product_rule(xs, refs, **params):
             (a, b), (ar, br) = xs, refs
