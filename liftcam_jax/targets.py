@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.tree_util import Partial
 
-from .errors import UsageError, one_line, positive_int
+from .errors import UsageError, positive_int
 
 Array = Any
 
@@ -115,9 +115,9 @@ def cosine_similarity(reference) -> Partial:
 
     For a head whose output is an embedding ``(B, D)`` (pytorch-grad-cam's
     ``SimilarityToConceptTarget``); ``reference``: ``(D,)`` or ``(B, D)``. The
-    gradient family explains it as is; LIFT-CAM needs DeepLIFT rules for
-    products and quotients of activations, and without them the interpreter
-    refuses it naming the operation (:class:`liftcam_jax.rescale.NoRescaleRule`).
+    gradient family explains it as is; LIFT-CAM takes it through the rescale
+    rules for products and quotients of two input-dependent values
+    (:mod:`liftcam_jax.rescale_rules`), with summation-to-delta exact.
     """
     return Partial(_cosine_similarity, jnp.asarray(reference))
 
@@ -135,8 +135,9 @@ def rest(c) -> Partial:
 
     (Cai et al., "CAMs as Shapley Value-based Explainers", 2025;
     pytorch-grad-cam's ``ClassifierOutputReST``). ``c``: one int, ``(B,)`` or
-    ``(B, T)``. LIFT-CAM of it needs a DeepLIFT rule for the log-sum-exp
-    (refused by name until there is one); the gradient family works.
+    ``(B, T)``. LIFT-CAM takes the log-sum-exp with its max shift shared by
+    the input and the reference (:mod:`liftcam_jax.rescale_rules`), so
+    summation-to-delta holds for the ReST value.
     """
     return Partial(_rest, jnp.asarray(c, jnp.int32))
 
@@ -206,17 +207,16 @@ def score_multipliers(score: Callable, out, out_ref, *, eps: Optional[float] = N
     if c is not None:  # a logit: linear, its multipliers are its gradient
         return _one_hot(c, out)
     kw = {} if eps is None else {"eps": eps}
-    try:
-        lin = rescale.linearize(score, out, out_ref, **kw)
-    except TypeError as e:  # a rule applied where it does not belong (e.g. inside a log-sum-exp): refuse by name
-        raise rescale.NoRescaleRule(f"no DeepLIFT rule for the target's score {_name(score)} "
-                                    f"({one_line(e)}); use a gradient method (grad-cam, ...)") from None
+    # a score the user chose may end in a log-softmax (ReST): it is what is explained, not a softmax to refuse
+    lin = rescale.linearize(score, out, out_ref, allow_softmax_output=True, **kw)
     return lin.transpose(jnp.ones_like(lin.out))
 
 
-def _name(score) -> str:
-    fn = score.func if isinstance(score, Partial) else score
-    return repr(getattr(fn, "__name__", type(fn).__name__).lstrip("_"))
+def chosen(score) -> bool:
+    """Whether ``score`` is a function the user chose (anything but a class logit): the head's output may then
+    end in a softmax, which the score reads (DeepLIFT and LRP refuse a softmax at the output only when the
+    logits of a class are explained)."""
+    return callable(score) and class_indices(score) is None
 
 
 # ---------------------------------------------------------------------------

@@ -13,7 +13,6 @@ from liftcam_jax import shap
 from liftcam_jax import targets as T
 from liftcam_jax.errors import UsageError
 from liftcam_jax.model import Split
-from liftcam_jax.rescale import NoRescaleRule
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -127,16 +126,20 @@ def test_rest_with_gradients_is_its_closed_form(model):
     np.testing.assert_allclose(T.rest(c)(out), 2 * out[jnp.arange(3), c] - jax.nn.logsumexp(out, -1))
 
 
-def test_scores_that_lift_cam_cannot_take_yet_are_refused_by_name(model):
+def test_lift_cam_takes_rest_and_cosine_similarity_with_summation_to_delta(model):
+    """ReST (a log-sum-exp of the logits) and the cosine similarity (products and a quotient of
+    activations) go through the rescale rules for transformer heads: sum of coefficients =
+    s(y(A)) - s(y(0)) for the score's value."""
     split, p, x = model
-    for fn in (T.rest(1), T.cosine_similarity(jnp.ones(C))):
-        with pytest.raises(NoRescaleRule) as info:
-            lj.explain(split, p, x, fn, method="lift-cam")
-        assert "\n" not in str(info.value)
-    # the gradient family takes the cosine similarity: Grad-CAM's weights are the mean gradient
-    ref = jnp.arange(C, dtype=jnp.float64) - 3.0
-    e = lj.explain(split, p, x, T.cosine_similarity(ref), method="grad-cam")
     a = split.features(p, x)
+    ref = jnp.arange(C, dtype=jnp.float64) - 3.0
+    for fn in (T.rest(1), T.rest(jnp.array([0, 2, 6])), T.cosine_similarity(ref)):
+        e = lj.explain(split, p, x, fn, method="lift-cam")
+        delta = fn(split.head(p, a)) - fn(split.head(p, jnp.zeros_like(a)))
+        np.testing.assert_allclose(np.sum(e.coefficients, -1), delta, rtol=1e-9, atol=1e-12)
+        assert np.all(np.abs(delta) > 1e-3)  # a real difference to split
+    # the gradient family takes the cosine similarity: Grad-CAM's weights are the mean gradient
+    e = lj.explain(split, p, x, T.cosine_similarity(ref), method="grad-cam")
     g = jax.grad(lambda z: jnp.sum(T.cosine_similarity(ref)(split.head(p, z))))(a)
     np.testing.assert_allclose(e.coefficients, g.mean((1, 2)), rtol=1e-10)
 

@@ -71,7 +71,9 @@ def lift_cam_coefficients(head, params, activations, targets, reference=None, *,
     """
     a = activations
     ref = None if reference is None else jnp.broadcast_to(jnp.asarray(reference, a.dtype), a.shape)
-    lin = rescale.linearize(lambda z: head(params, z), a, ref, eps=eps)
+    # a head ending in a softmax is refused unless the user chose a score of it (a target function)
+    lin = rescale.linearize(lambda z: head(params, z), a, ref, eps=eps,
+                            allow_softmax_output=_targets.chosen(targets))
     delta = a if ref is None else a - ref
 
     def coeffs(score):

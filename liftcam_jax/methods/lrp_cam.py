@@ -53,7 +53,8 @@ def lrp_cam_coefficients(head, params, activations, targets, *, epsilon=_lrp.DEF
     score = targets if callable(targets) else None
     classes = _targets.class_indices(score) if score is not None else None
     if score is not None and classes is None:  # a score function: LRP through it, from its value
-        prop = _lrp.propagate(lambda a: score(head(params, a)), activations, epsilon=epsilon)
+        prop = _lrp.propagate(lambda a: score(head(params, a)), activations, epsilon=epsilon,
+                              allow_softmax_output=True)  # the score the user chose is what is explained
         r = prop.relevance(prop.out)
         return (r if per_position else jnp.sum(r, axis=_tokens.position_axes(r))), prop.out
     prop = _lrp.propagate(lambda a: head(params, a), activations, epsilon=epsilon)
