@@ -107,7 +107,7 @@ def test_big_vision_vit_lift_cam_and_grad_cam(x64, pool, layout):
     net, v, x = _big_vision(pool, jnp.float64)
     split = _bv_split(net)
     logits, out = net.apply(v, x)
-    e = lj.explain(split, v, x)
+    e = lj.explainer(split)(v, x)
     np.testing.assert_allclose(e.logits, logits, rtol=1e-12)
     _check_lift_cam(e, layout, 1e-9)
     # the head by hand from big_vision's own modules: block 1, the encoder's LayerNorm, the pooling, the Dense
@@ -124,7 +124,7 @@ def test_big_vision_vit_lift_cam_and_grad_cam(x64, pool, layout):
     tokens = out["encoder"]["block00"]["+mlp"]
     np.testing.assert_allclose(head(tokens), logits, rtol=1e-12)
     raw, maps = _hand_grad_cam(tokens, head, e.targets, layout)
-    g = lj.explain(split, v, x, e.targets, method="grad-cam")
+    g = lj.explainer(split, "grad-cam")(v, x, e.targets)
     np.testing.assert_allclose(g.raw, raw, rtol=1e-10, atol=1e-13)
     np.testing.assert_allclose(g.maps, maps, rtol=1e-10, atol=1e-12)
 
@@ -171,7 +171,7 @@ def test_bonsai_nnx_vit_lift_cam_and_grad_cam(x64):
     split, state = lj.nnx_split(model, "layers/0", rngs=None)
     layout = lj.TokenLayout(1, (4, 4))
     logits = model(x, rngs=None)
-    e = lj.explain(split, state, x)
+    e = lj.explainer(split)(state, x)
     np.testing.assert_allclose(e.logits, logits, rtol=1e-12)
     _check_lift_cam(e, layout, 1e-9)
 
@@ -181,7 +181,7 @@ def test_bonsai_nnx_vit_lift_cam_and_grad_cam(x64):
     tokens = model.layers[0](model.pos_embeddings(x, rngs=None), rngs=None)
     np.testing.assert_allclose(head(tokens), logits, rtol=1e-12)
     raw, maps = _hand_grad_cam(tokens, head, e.targets, layout)
-    g = lj.explain(split, state, x, e.targets, method="grad-cam")
+    g = lj.explainer(split, "grad-cam")(state, x, e.targets)
     np.testing.assert_allclose(g.raw, raw, rtol=1e-10, atol=1e-13)
     np.testing.assert_allclose(g.maps, maps, rtol=1e-10, atol=1e-12)
 
@@ -219,6 +219,6 @@ def test_layer_norm_eps_does_not_set_the_attributions(x64):
     for eps in (1e-6, 1e-12):
         model, x = _bonsai(jnp.float64, eps=eps, fused=False)
         split, state = lj.nnx_split(model, "layers/1", rngs=None)
-        e = lj.explain(split, state, x)
+        e = lj.explainer(split)(state, x)
         sizes.append(float(jnp.max(jnp.abs(e.coefficients) / jnp.abs(_gap(e))[:, None])))
     assert sizes[1] < 10 * sizes[0], sizes
