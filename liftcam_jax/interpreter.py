@@ -17,9 +17,18 @@ rule``). :func:`forward` walks a jaxpr once, in order:
 The rule of a primitive is found in this order: the table's per-primitive
 entries (rules users register with ``register_rule``, then the built-in
 rewrites and refusals below), then its *kind* (:func:`classify`: ``linear``,
-``elementwise``, ``chooser``, ``call``, ``custom_jvp``), whose rule each table
-defines. A primitive with no rule raises the table's error naming it; nothing
-falls back to gradients.
+``elementwise``, ``chooser``, ``product``, ``call``, ``custom_jvp``), whose
+rule each table defines. A primitive with no rule raises the table's error
+naming it; nothing falls back to gradients.
+
+*Patterns* found on the jaxpr before the rules run (:func:`plan`): an
+elementwise sub-computation of one value (GELU, SiLU, ``leaky_relu``: an
+*elementwise region*) takes the table's elementwise rule as a whole, and the
+``stop_gradient`` of a maximum that softmax and logsumexp subtract is a
+*max-shift*, one value (the table's ``shift``) shared by the input and the
+reference. *The head's output* is defined in :func:`softmax_at_output`; a
+softmax or log-softmax there is refused by :func:`check_output` (the callers
+decide, e.g. ``rescale.linearize(..., allow_softmax_output=True)``).
 
 *Rewrites* shared by every table. Some primitives are rewritten into an
 equivalent jaxpr of primitives that have rules, which is then interpreted as a
@@ -40,9 +49,8 @@ nothing is computed twice):
   rule; a concrete index takes its branch only.
 
 Refused with the primitive named: ``while`` (a trip count decided by values),
-``stop_gradient`` of an input-dependent value (the max-shift of
-``softmax``/``log_softmax``: explain the logits), ``log_softmax``/``softmax``
-calls, and any other primitive that carries a jaxpr but is not a known call.
+``stop_gradient`` of an input-dependent value that is not a max-shift, and
+any other primitive that carries a jaxpr but is not a known call.
 """
 from __future__ import annotations
 
@@ -59,9 +67,12 @@ __all__ = [
     "MAX_UNROLL",
     "live_equations",
     "RuleTable",
+    "check_output",
     "classify",
     "forward",
+    "plan",
     "primitive_name",
+    "softmax_at_output",
 ]
 
 MAX_UNROLL = 1024
@@ -71,14 +82,14 @@ MAX_UNROLL = 1024
 # primitive classes (the facts live in liftcam_jax.primitives)
 # ---------------------------------------------------------------------------
 
-RULE_KINDS = ("linear", "elementwise", "chooser", "call", "custom_jvp")
+RULE_KINDS = ("linear", "elementwise", "chooser", "product", "call", "custom_jvp")
 """The kinds of :data:`liftcam_jax.primitives.TABLE` each rule table defines a rule for."""
 
 # Functions refused by name when met as a named call (``jit[name=...]``).
 SOFTMAX_NAMES = frozenset({"softmax", "log_softmax", "_softmax", "_log_softmax"})
 SOFTMAX_ADVICE = (
-    "softmax and log_softmax are not explained by attribution rules (their outputs "
-    "compete through a shared normaliser); explain the logits: end the head before the softmax"
+    "a probability depends on every class through the shared normaliser, so its attributions "
+    "mix in the other classes' evidence; explain the logits: end the head before the softmax"
 )
 
 
@@ -190,10 +201,12 @@ def classify(eqn, ins, dep_idx, *, error=NotImplementedError, rule: str = "DeepL
     """The kind of rule an equation with input-dependent operands ``dep_idx`` needs.
 
     One of ``"custom_jvp"``, ``"call"``, ``"linear"`` (affine in its
-    input-dependent operands), ``"elementwise"`` (a nonlinearity of one value)
-    or ``"chooser"`` (max/min pooling), looked up by primitive name; the
-    operand positions are checked. Anything else raises ``error`` naming the
-    primitive.
+    input-dependent operands), ``"elementwise"`` (a nonlinearity of one value,
+    also ``c / b`` with only ``b`` input-dependent), ``"chooser"`` (max/min
+    pooling) or ``"product"`` (a bilinear primitive or a quotient with two
+    input-dependent operands: :data:`liftcam_jax.primitives.Facts.product`),
+    looked up by primitive name; the operand positions are checked. Anything
+    else raises ``error`` naming the primitive.
     """
     name = eqn.primitive.name
     f = P.facts(name)
@@ -202,13 +215,13 @@ def classify(eqn, ins, dep_idx, *, error=NotImplementedError, rule: str = "DeepL
     if kind not in RULE_KINDS:
         what = "a primitive with a body" if P.has_sub_jaxpr(eqn.params) else "primitive"
         raise error(f"no {rule} rule for {what} {name!r} applied to an input-dependent value {register}")
-    if kind == "call" and f.inline and P.call_name(eqn) in SOFTMAX_NAMES:
-        raise error(f"no {rule} rule for {P.call_name(eqn)!r}: {SOFTMAX_ADVICE}")
     if kind == "linear" and f.operands != "all":
         allowed = f.operands
         if allowed == "one":
             if len(dep_idx) == 1:
                 return kind
+            if f.product:
+                return "product"
             raise error(
                 f"no {rule} rule for {name!r} of two input-dependent values "
                 f"(a product of activations is not linear in the input) {register}"
@@ -217,6 +230,8 @@ def classify(eqn, ins, dep_idx, *, error=NotImplementedError, rule: str = "DeepL
             allowed = tuple(range(1, len(ins)))
         if set(dep_idx) <= set(allowed):
             return kind
+        if f.product == "quotient":  # a / b with b computed from the input
+            return "elementwise" if dep_idx == [1] else "product"
         raise error(
             f"no {rule} rule for {name!r} with an input-dependent operand in position "
             f"{sorted(set(dep_idx) - set(allowed))} (e.g. a data-dependent branch or index)"
@@ -359,8 +374,9 @@ def _while_refusal(eqn, ins, dep_idx, error, rule):
 
 def _stop_gradient_refusal(eqn, ins, dep_idx, error, rule):
     raise error(
-        f"no {rule} rule for primitive 'stop_gradient' of an input-dependent value: this is "
-        f"the max-shift inside softmax / log_softmax; {SOFTMAX_ADVICE}"
+        f"no {rule} rule for primitive 'stop_gradient' of an input-dependent value other than a "
+        "max-shift (a stop_gradient of a maximum, as softmax and logsumexp subtract); a stopped "
+        "value the output depends on has no difference to attribute"
     )
 
 
@@ -384,6 +400,287 @@ def _rewrite_rule(maker):
         return table.call(closed.jaxpr, closed.consts, ins, dep_idx, ctx)
 
     return rule
+
+
+# ---------------------------------------------------------------------------
+# the plan: elementwise regions and max-shifts, found on the jaxpr
+# ---------------------------------------------------------------------------
+
+def _is_var(v) -> bool:
+    return not isinstance(v, jcore.Literal)
+
+
+def _shape(v):
+    return tuple(getattr(v.aval, "shape", ()))
+
+
+def _positionwise(eqn, dep_vars, user) -> bool:
+    """Whether ``eqn`` may be a member of an elementwise region (see :func:`plan`).
+
+    Its output position :math:`i` reads position :math:`i` of its
+    input-dependent operands only, all of the output's shape: a position-wise
+    primitive (:data:`liftcam_jax.primitives.TABLE`; not ``stop_gradient``),
+    or a call or ``custom_jvp`` whose body is one elementwise function. A
+    primitive with a user's rule stays out, so that its rule is used.
+    """
+    name = eqn.primitive.name
+    if name in user or name == "stop_gradient" or len(eqn.outvars) != 1:
+        return False
+    f = P.facts(name)
+    if f.kind in ("call", "custom_jvp"):
+        sub = sub_jaxpr(eqn)
+        if sub is None or not body_is_elementwise(sub[0]):
+            return False
+    elif not f.positionwise:
+        return False
+    out = _shape(eqn.outvars[0])
+    return all(_shape(v) == out for v in dep_vars)
+
+
+def _explained_alone(eqn, dep_vars) -> bool:
+    """Whether ``eqn``'s own rule applies: linear, or elementwise of one value, or a call."""
+    dep_idx = [i for i, v in enumerate(eqn.invars) if _is_var(v) and v in dep_vars]
+    try:
+        kind = classify(eqn, [v.aval for v in eqn.invars], dep_idx, error=ValueError)
+    except Exception:  # noqa: BLE001 - no rule of its own (a comparison, a branch on the input)
+        return False
+    return kind in ("linear", "elementwise", "call", "custom_jvp")
+
+
+def _reaches_max(v, producer, dep, depth=0) -> bool:
+    """Whether ``v`` is computed from a maximum (``reduce_max``) of the input by position-wise
+    or structural steps only (``max(-inf, m)``, ``where(is_finite(m), m, 0)``, broadcasts)."""
+    e = producer.get(v)
+    if e is None or depth > 16:
+        return False
+    name = e.primitive.name
+    if name == "reduce_max":
+        return True
+    f = P.facts(name)
+    if name == "stop_gradient" or not (f.positionwise or f.structural):
+        return False
+    deps = [u for u in e.invars if _is_var(u) and u in dep]
+    return bool(deps) and all(_reaches_max(u, producer, dep, depth + 1) for u in deps)
+
+
+class Region(NamedTuple):
+    """An elementwise region: its equations (in order) and the ``closed_call`` equation that runs them."""
+
+    members: list
+    eqn: Any
+
+
+def _region_eqn(members, root, outputs):
+    """A ``closed_call`` equation computing ``outputs`` from ``root`` and the members' other operands."""
+    inside = {v for e in members for v in e.outvars}
+    consts = []
+    for e in members:
+        for v in e.invars:
+            if _is_var(v) and v is not root and v not in inside and v not in consts:
+                consts.append(v)
+    ins = [root, *consts]
+
+    def body(*args):
+        env = dict(zip(ins, args))
+        for e in members:
+            outs = bind(e, [read_env(env, v) for v in e.invars])
+            env.update(zip(e.outvars, outs))
+        return [env[v] for v in outputs]
+
+    closed = jax.make_jaxpr(body)(*[jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype) for v in ins])
+    return jcore.new_jaxpr_eqn(ins, list(outputs), jcore.primitives.closed_call_p,
+                               {"call_jaxpr": closed}, jcore.no_effects)
+
+
+def plan(eqns, outvars, dep_vars, user=()) -> list:
+    r"""The order in which :func:`forward` interprets ``eqns``: ``[(what, eqn_or_region)]``.
+
+    ``what`` is ``"eqn"`` (the equation's rule), ``"shift"`` or ``"region"``:
+
+    * **Max-shifts.** ``jax.nn.softmax``, ``log_softmax`` and ``logsumexp``
+      subtract ``stop_gradient(max(x))`` for floating-point range; the
+      function does not depend on the shift. A ``stop_gradient`` of an
+      input-dependent value computed from a ``reduce_max`` by position-wise or
+      structural steps is such a shift: the table's ``shift`` gives one value
+      shared by the input and the reference (DeepLIFT: the larger of the two
+      maxima), an input-independent constant from there on. A shift computed
+      separately at the input and at the reference would change the
+      attributions: the difference of ``x - m`` would carry ``m - m_ref``,
+      which the ``stop_gradient`` hides from every rule. Any other
+      ``stop_gradient`` of an input-dependent value is refused.
+    * **Elementwise regions.** ``jax.nn.gelu`` is traced into ``mul``,
+      ``tanh``, ``add`` and ``integer_pow`` of one value ``x``; ``silu`` into
+      ``x * logistic(x)``; ``leaky_relu`` into ``select_n(x >= 0, ...)``. A
+      region is a connected set of position-wise equations
+      (:func:`_positionwise`) whose only input-dependent operand from outside
+      is one value, its *root*, all of the root's shape; it ends where a
+      non-elementwise operation or a second input-dependent value comes in.
+      The region is one elementwise function :math:`y = g(x)` of its root, so
+      it takes the table's elementwise rule as a whole (DeepLIFT: the secant
+      slope of :math:`g`, exact for each output), when one of its equations
+      has no rule of its own (a product of two values of the region, a
+      comparison, a ``select_n`` on one). Otherwise its equations keep their
+      own rules (a chain of secants is the secant of the chain).
+
+    Equations that read nothing computed from the input come first (their
+    order among themselves kept), then the others in order, a fused region at
+    its first member's place (its constant operands are ready then, and every
+    reader of its outputs comes after its first member).
+    """
+    dep, touched = set(dep_vars), set(dep_vars)
+    producer, root, group, fuse, shifts = {}, {}, {}, set(), set()
+    for n, e in enumerate(eqns):
+        for v in e.outvars:
+            producer[v] = e
+        if not any(_is_var(v) and v in touched for v in e.invars):
+            continue
+        touched.update(e.outvars)
+        dvars = [v for v in e.invars if _is_var(v) and v in dep]
+        if not dvars:
+            continue
+        if e.primitive.name == "stop_gradient" and _reaches_max(dvars[0], producer, dep):
+            shifts.add(n)
+            continue
+        dep.update(e.outvars)
+        if _positionwise(e, dvars, user):
+            roots = {root.get(v, v) for v in dvars}
+            if len(roots) == 1:
+                (r,) = roots
+                group[n] = r
+                root[e.outvars[0]] = r
+                if not _explained_alone(e, dep):
+                    fuse.add(r)
+    members = {}
+    for n, r in group.items():
+        if r in fuse:
+            members.setdefault(r, []).append(n)
+    read_outside = set(v for v in outvars if _is_var(v))
+    for n, e in enumerate(eqns):
+        if not (n in group and group[n] in fuse):
+            read_outside.update(v for v in e.invars if _is_var(v))
+    first = {}
+    for r, ns in members.items():
+        ms = [eqns[n] for n in ns]
+        outs = [e.outvars[0] for e in ms if e.outvars[0] in read_outside]
+        first[ns[0]] = Region(ms, _region_eqn(ms, r, outs))
+    items_free, items = [], []
+    for n, e in enumerate(eqns):
+        if n in first:
+            items.append(("region", first[n]))
+        elif n in group and group[n] in fuse:
+            continue
+        elif n in shifts:
+            items.append(("shift", e))
+        elif any(v in touched for v in e.outvars):
+            items.append(("eqn", e))
+        else:
+            items_free.append(("eqn", e))
+    return items_free + items
+
+
+# ---------------------------------------------------------------------------
+# the head's output: a softmax there is refused
+# ---------------------------------------------------------------------------
+
+_PASS_THROUGH = frozenset({"reshape", "squeeze", "expand_dims", "broadcast_in_dim", "transpose", "slice",
+                           "convert_element_type", "copy", "copy_p", "reduce_precision", "rev",
+                           "sharding_constraint", "optimization_barrier"})
+"""Single-operand moves and copies that keep a value "the head's output" (``out[:, 1:]``, a reshape)."""
+
+
+def _back(v, producer):
+    """Follow ``v`` back through :data:`_PASS_THROUGH` equations: ``(v, its producer or None)``."""
+    for _ in range(64):
+        e = producer.get(v)
+        if e is None or e.primitive.name not in _PASS_THROUGH:
+            return v, e
+        v = e.invars[0]
+        if not _is_var(v):
+            return v, None
+    return v, None
+
+
+def _producer_map(jaxpr):
+    return {v: e for e in jaxpr.eqns for v in e.outvars}
+
+
+def _exp_of(v, producer):
+    """The argument of ``exp`` when ``v`` is (moved) ``exp(z)``, else ``None``."""
+    _, e = _back(v, producer)
+    return e.invars[0] if e is not None and e.primitive.name == "exp" else None
+
+
+def _is_exp_sum(v, producer, of=None) -> bool:
+    """Whether ``v`` is (moved) ``sum(exp(z))``; with ``of``, also ``of = exp(z)`` for the same ``z``."""
+    _, e = _back(v, producer)
+    if e is None or e.primitive.name != "reduce_sum" or not _is_var(e.invars[0]):
+        return False
+    z = _exp_of(e.invars[0], producer)
+    return z is not None and (of is None or _exp_of(of, producer) is z)
+
+
+def _is_log_sum_exp(v, producer) -> bool:
+    """Whether ``v`` is (moved) ``log(sum(exp(z)))``, or that plus a shift, or of ``abs`` of the sum
+    (``jax.nn.logsumexp``)."""
+    _, e = _back(v, producer)
+    if e is not None and e.primitive.name == "add":
+        return any(_is_var(u) and _is_log_sum_exp(u, producer) for u in e.invars)
+    if e is None or e.primitive.name != "log" or not _is_var(e.invars[0]):
+        return False
+    u, a = _back(e.invars[0], producer)
+    if a is not None and a.primitive.name == "abs" and _is_var(a.invars[0]):
+        u = a.invars[0]
+    return _is_exp_sum(u, producer)
+
+
+def softmax_at_output(jaxpr, index: int) -> Optional[str]:
+    r"""``"softmax"`` or ``"log_softmax"`` when output ``index`` of ``jaxpr`` is one, else ``None``.
+
+    *The head's output* is a value returned by the head, followed back
+    through moves and copies (:data:`_PASS_THROUGH`: reshapes, slices,
+    transposes, casts) and into the calls that return it. Once traced,
+    a softmax is no longer one named call; it is one of:
+
+    * a call named ``softmax`` / ``log_softmax`` (older JAX);
+    * a normalised exponential, ``div(e, sum(e))`` with ``e = exp(...)``
+      (``jax.nn.softmax``, with or without its max-shift, and the
+      hand-written ``exp(x) / exp(x).sum()``), or the ``log`` of one;
+    * ``sub(z, lse)`` with ``lse = log(sum(exp(...)))`` (+ a shift):
+      ``jax.nn.log_softmax`` and ``x - logsumexp(x)``.
+    """
+    return _softmax_of(jaxpr.outvars[index], _producer_map(jaxpr))
+
+
+def _softmax_of(v, producer) -> Optional[str]:
+    v, e = _back(v, producer)
+    if e is None:
+        return None
+    name = e.primitive.name
+    if P.facts(name).kind in ("call", "custom_jvp"):
+        cname = P.call_name(e)
+        if cname in SOFTMAX_NAMES:
+            return "log_softmax" if "log" in cname else "softmax"
+        sub = sub_jaxpr(e)
+        if sub is None or len(sub[0].outvars) != len(e.outvars):
+            return None
+        return _softmax_of(sub[0].outvars[list(e.outvars).index(v)], _producer_map(sub[0]))
+    if name == "log" and _is_var(e.invars[0]):
+        return "log_softmax" if _softmax_of(e.invars[0], producer) == "softmax" else None
+    if name == "div" and all(_is_var(u) for u in e.invars):
+        num, den = e.invars
+        if _is_exp_sum(den, producer, of=num):
+            return "softmax"
+    if name == "sub" and _is_var(e.invars[1]) and _is_log_sum_exp(e.invars[1], producer):
+        return "log_softmax"
+    return None
+
+
+def check_output(jaxpr, error, rule: str) -> None:
+    """Raise ``error`` (one line, :data:`SOFTMAX_ADVICE`) when an output of ``jaxpr`` is a softmax."""
+    for i, v in enumerate(jaxpr.outvars):
+        what = softmax_at_output(jaxpr, i) if _is_var(v) else None
+        if what is not None:
+            raise error(f"no {rule} rule for a {what} at the head's output: {SOFTMAX_ADVICE}")
 
 
 # ---------------------------------------------------------------------------
@@ -430,10 +727,13 @@ class RuleTable:
         transformation interprets a body (used by calls and rewrites).
       primal: the array a dependent value stands for (for dtype checks).
       depends: whether a rule's output value depends on the input.
+      shift: ``shift(u) -> array``, the one value a max-shift (:func:`plan`)
+        of the dependent value ``u`` takes, from there on a constant.
     """
 
     def __init__(self, rule_name: str, error, kinds: Dict[str, Callable], call: Callable,
-                 primal: Callable = lambda v: v, depends: Callable = lambda v: True):
+                 primal: Callable = lambda v: v, depends: Callable = lambda v: True,
+                 shift: Callable = lambda v: v):
         self.rule_name = rule_name
         self.error = error
         self.kinds = {"call": call_rule, "custom_jvp": custom_jvp_rule, **kinds}
@@ -443,6 +743,7 @@ class RuleTable:
         self.call = call
         self.primal = primal
         self.depends = depends
+        self.shift = shift
         self.builtin: Dict[str, Callable] = {name: _rewrite_rule(m) for name, m in REWRITES.items()}
         self.user: Dict[str, Callable] = {}
 
@@ -567,11 +868,14 @@ def forward(jaxpr, consts, args, dep_pos, ctx) -> Trace:
             dep.add(v)
 
     steps = []
-    for eqn in live_equations(jaxpr)[0]:
+    for what, item in plan(live_equations(jaxpr)[0], jaxpr.outvars, dep, table.user):
+        eqn = item.eqn if what == "region" else item
         ins = [read(v) for v in eqn.invars]
         dep_idx = [i for i, v in enumerate(eqn.invars) if is_dep(v)]
         if not dep_idx:
             outs = bind(eqn, ins)
+        elif what == "shift":
+            outs = [table.shift(ins[dep_idx[0]])]
         else:
             name = eqn.primitive.name
             for i in dep_idx:
@@ -580,7 +884,16 @@ def forward(jaxpr, consts, args, dep_pos, ctx) -> Trace:
                         f"primitive {name!r} receives an input-dependent "
                         f"{jnp.result_type(table.primal(ins[i]))} value; {table.rule_name} needs real-valued paths"
                     )
-            outs, step = table.lookup(eqn, ins, dep_idx)(eqn, ins, dep_idx, ctx)
+            if what == "region":
+                for m in item.members:
+                    v = m.outvars[0]
+                    if v in eqn.outvars and not jnp.issubdtype(v.aval.dtype, jnp.inexact):
+                        raise table.error(
+                            f"primitive {m.primitive.name!r} computes a {v.aval.dtype} value from the input "
+                            f"(a data-dependent branch or index has no {table.rule_name} rule)"
+                        )
+            rule = table.kinds["elementwise"] if what == "region" else table.lookup(eqn, ins, dep_idx)
+            outs, step = rule(eqn, ins, dep_idx, ctx)
             for o, v in zip(outs, eqn.outvars):
                 if isinstance(v, jcore.DropVar) or not table.depends(o):
                     continue

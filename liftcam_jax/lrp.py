@@ -36,11 +36,23 @@ depends on the input, then a reverse pass applies one rule per equation:
 * elementwise nonlinearities (``max`` with a constant, ``tanh``, ``jax.nn.relu``
   and other elementwise ``custom_jvp`` functions): relevance passes through
   unchanged (Captum's rule for ``ReLU``, ``Tanh`` and ``Dropout``);
+* elementwise regions, an elementwise function of one value however it is
+  written (``jax.nn.gelu``, ``silu``, ``leaky_relu``:
+  :func:`liftcam_jax.interpreter.plan`): relevance passes through unchanged,
+  as for ``tanh``;
+* the max-shift of ``softmax`` and ``logsumexp``: a constant (its value at
+  ``x``), so it takes no relevance;
 * calls (``jit``, ``custom_vjp``, non-elementwise ``custom_jvp``, ...):
   interpreted recursively.
 
-Anything else that depends on the input (a product of two activations, a
-data-dependent index) raises :class:`NoRelevanceRule` naming the primitive.
+A softmax or log-softmax at the head's output is refused with the advice to
+explain the logits (:func:`liftcam_jax.interpreter.check_output`). A product
+or quotient of two input-dependent values (``mul``, ``dot_general`` and
+``div`` in attention and LayerNorm) raises :class:`NoRelevanceRule` naming the
+primitive: relevance through them needs AttnLRP's rules (Achtibat et al.,
+"AttnLRP: Attention-Aware Layer-Wise Relevance Propagation for Transformers",
+ICML 2024), not implemented here; so does anything else that depends on the
+input (a data-dependent index).
 
 *Per-equation versus per-module epsilon.* Captum applies the rule once per
 ``nn.Module``: a ``Linear`` is one affine map with one stabiliser on its output
@@ -130,12 +142,21 @@ def _pass_through_rule(eqn, ins, dep_idx, ctx):
     shape = jnp.shape(ins[i])
 
     def back(rs):
-        (r,) = _fill(outs, rs)
+        # an elementwise region (liftcam_jax.interpreter.plan) may have several outputs
+        r = sum(_fill(outs, rs))
         if jnp.shape(r) != shape:  # a scalar operand broadcast against a constant array
             r = jnp.sum(r).reshape(shape)
         return [r]
 
     return outs, back
+
+
+def _product_refusal(eqn, ins, dep_idx, ctx):
+    raise NoRelevanceRule(
+        f"no LRP rule for {primitives.label(eqn)!r} of two input-dependent values (attention's and "
+        "normalisation's products need AttnLRP's rules, Achtibat et al., ICML 2024, which this "
+        "library does not implement; use lift-cam, or register a rule with liftcam_jax.lrp.register_rule)"
+    )
 
 
 def _call(jaxpr, consts, ins, dep_idx, ctx):
@@ -208,6 +229,7 @@ _TABLE = interpreter.RuleTable(
         "linear": _linear_rule,
         "elementwise": _pass_through_rule,
         "chooser": _epsilon_rule,
+        "product": _product_refusal,
     },
     _call,
 )
@@ -265,7 +287,8 @@ class Propagation(NamedTuple):
     relevance: Callable[[Any], Any]
 
 
-def propagate(fun: Callable, x, *, epsilon: float = DEFAULT_EPSILON) -> Propagation:
+def propagate(fun: Callable, x, *, epsilon: float = DEFAULT_EPSILON,
+              allow_softmax_output: bool = False) -> Propagation:
     """Run ``fun`` on ``x`` and build its LRP-epsilon backward pass.
 
     Args:
@@ -273,6 +296,7 @@ def propagate(fun: Callable, x, *, epsilon: float = DEFAULT_EPSILON) -> Propagat
         ``lambda a: head(params, a)``).
       x: the input (pytree of float arrays).
       epsilon: the stabiliser of the epsilon rule.
+      allow_softmax_output: as in :func:`liftcam_jax.rescale.linearize`.
     """
     flat_x, tree = jax.tree_util.tree_flatten(x)
     out_tree = []
@@ -283,6 +307,8 @@ def propagate(fun: Callable, x, *, epsilon: float = DEFAULT_EPSILON) -> Propagat
         return leaves
 
     closed = jax.make_jaxpr(flat_fun)(*flat_x)
+    if not allow_softmax_output:
+        interpreter.check_output(closed.jaxpr, NoRelevanceRule, "LRP")
     otree = out_tree[-1]
     outs, backward = _interpret(
         closed.jaxpr, closed.consts, list(flat_x), set(range(len(flat_x))), _Ctx(float(epsilon), _TABLE)

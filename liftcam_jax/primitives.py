@@ -27,6 +27,13 @@ keys its rules. A row (:class:`Facts`) says:
 * ``operands``: for ``linear``, which operands may depend on the input:
   ``"all"``, ``"one"`` (exactly one of two: ``mul``, ``dot_general``),
   ``"cases"`` (``select_n``: not the predicate) or a tuple of positions.
+* ``product``: what the primitive is when more operands depend on the input
+  than ``operands`` allows (:func:`liftcam_jax.interpreter.classify` then
+  gives the kind ``product``): ``"bilinear"`` (``mul``, ``dot_general``,
+  ``conv_general_dilated``: :math:`f(a, b)` linear in each operand) or
+  ``"quotient"`` (``div``: :math:`a / b`; with only the denominator
+  input-dependent it is an elementwise function of one value); rules in
+  :mod:`liftcam_jax.rescale_rules`.
 * ``zero``: when the output is zero at a zero input-dependent operand
   (DeepLIFT's zero reference stays symbolic through it): ``"always"``
   (:math:`f(0; c) = 0` for any constant :math:`c`), ``"if_constants_zero"``
@@ -71,6 +78,7 @@ __all__ = [
     "label",
     "names",
     "param",
+    "region_label",
     "sub_jaxpr",
 ]
 
@@ -87,6 +95,7 @@ class Facts(NamedTuple):
     reduces: Optional[str] = None
     inline: bool = False
     chooses: Optional[str] = None
+    product: Optional[str] = None
 
 
 def _rows(names_, **facts_):
@@ -113,16 +122,17 @@ TABLE = {
     "reduce_sum": Facts("linear", zero="always", reduces="axes"),
     "reduce_window_sum": Facts("linear", zero="always", reduces="window"),
     # -- linear in some operands -------------------------------------------
-    **_rows("mul", kind="linear", operands="one", zero="always", positionwise=True),
-    **_rows("dot_general conv_general_dilated", kind="linear", operands="one", zero="always"),
-    "div": Facts("linear", operands=(0,), zero="always", positionwise=True),
+    **_rows("mul", kind="linear", operands="one", zero="always", positionwise=True, product="bilinear"),
+    **_rows("dot_general conv_general_dilated", kind="linear", operands="one", zero="always",
+            product="bilinear"),
+    "div": Facts("linear", operands=(0,), zero="always", positionwise=True, product="quotient"),
     "select_n": Facts("linear", operands="cases", zero="if_cases", structural=True, positionwise=True),
     **_rows("dynamic_slice gather", kind="linear", operands=(0,), zero="always", structural=True),
     **_rows("scatter-add scatter_add", kind="linear", operands=(0, 2)),
     # -- elementwise nonlinearities of one value ---------------------------
     **_rows("exp exp2 log log1p expm1 tanh logistic sin cos tan asin acos atan sinh cosh "
             "asinh acosh atanh sqrt rsqrt cbrt integer_pow pow square erf erfc erf_inv "
-            "lgamma digamma atan2 rem nextafter is_finite logaddexp",
+            "lgamma digamma atan2 rem nextafter logaddexp",
             kind="elementwise", positionwise=True),
     **_rows("max min abs sign floor ceil round clamp", kind="elementwise", positionwise=True,
             piecewise_linear=True),
@@ -132,13 +142,15 @@ TABLE = {
     "reduce_window_max": Facts("chooser", piecewise_linear=True, reduces="window", chooses="max"),
     "reduce_window_min": Facts("chooser", piecewise_linear=True, reduces="window", chooses="min"),
     # -- booleans and integers: no rule --------------------------------------
-    **_rows("gt ge lt le eq ne and or not", kind="comparison", positionwise=True),
+    **_rows("gt ge lt le eq ne and or not is_finite", kind="comparison", positionwise=True),
     **_rows("argmax argmin", kind="comparison", reduces="axes"),
     # -- calls ----------------------------------------------------------------
     **_rows("jit pjit closed_call core_call", kind="call", inline=True),
     **_rows("remat remat2 checkpoint custom_vjp_call custom_vjp_call_jaxpr custom_lin", kind="call"),
     "custom_jvp_call": Facts("custom_jvp"),
     # -- refused by the interpreter when input-dependent (softmax's max-shift) --
+    # (a stop_gradient of a maximum, the max-shift of softmax and logsumexp, is a shift:
+    # liftcam_jax.interpreter.plan)
     "stop_gradient": Facts("refused", positionwise=True),
 }
 """Primitive name -> :class:`Facts`. A primitive missing here has no rule."""
@@ -176,9 +188,33 @@ def _custom_function_name(jaxpr) -> Optional[str]:
     return None
 
 
+def region_label(jaxpr) -> str:
+    """The label of an elementwise region (:func:`liftcam_jax.interpreter.plan`): ``elementwise[tanh,mul]``.
+
+    It lists, in order, the region's primitives that are not linear in the
+    region's input (its first argument): its nonlinearities and its products
+    of two values computed from the input.
+    """
+    dep, seen = {jaxpr.invars[0]}, []
+    for e in jaxpr.eqns:
+        n = sum(1 for v in e.invars if not isinstance(v, jcore.Literal) and v in dep)
+        if not n:
+            continue
+        dep.update(e.outvars)
+        f = facts(e.primitive.name)
+        lab = label(e)
+        if (f.kind != "linear" or (n > 1 and f.product)) and lab not in seen:
+            seen.append(lab)
+    return f"elementwise[{','.join(seen)}]"
+
+
 def label(eqn) -> str:
-    """The name of ``eqn``'s operation: its primitive, or :func:`custom_label` of a ``custom_jvp``."""
+    """The name of ``eqn``'s operation: its primitive, :func:`custom_label` of a ``custom_jvp``,
+    or :func:`region_label` of an elementwise region (a ``closed_call`` the interpreter made)."""
     name = eqn.primitive.name
+    if name == "closed_call":
+        sub = sub_jaxpr(eqn)
+        return name if sub is None or not sub[0].invars else region_label(sub[0])
     if facts(name).kind != "custom_jvp":
         return name
     sub = sub_jaxpr(eqn)

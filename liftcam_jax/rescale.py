@@ -29,6 +29,13 @@ map of the incoming differences:
   ``tanh``, ..., and ``custom_jvp`` functions such as ``jax.nn.relu``,
   ``relu6`` whose body is elementwise, treated as one function): the secant
   slope above;
+* products and quotients of two input-dependent values (``mul``,
+  ``dot_general`` of queries and keys, ``div`` of softmax's normalisation):
+  the exact two-player Shapley split (:mod:`liftcam_jax.rescale_rules`, with
+  the max-shift of softmax and logsumexp shared by the input and the
+  reference); an elementwise function of one value however it is written
+  (``jax.nn.gelu``, ``silu``): one secant as a whole
+  (:func:`liftcam_jax.interpreter.plan`). LayerNorm and RMSNorm follow;
 * max-pooling (``reduce_window_max``, ``reduce_max``): Captum's DeepLift
   max-pool rule. With ``o = max(window)`` and ``o_r`` its reference value, the
   output difference is split into ``max(o, o_r) - o_r``, routed to the actual
@@ -42,11 +49,12 @@ map of the incoming differences:
 
 The rules are a table keyed by primitive over the interpreter of
 :mod:`liftcam_jax.interpreter`; :func:`register_rule` adds a user's rule.
-Anything else that depends on the input (a product of two input-dependent
-values, a data-dependent branch, an integer computed from the input, a
-``while`` loop, the ``stop_gradient`` inside ``softmax``) has no rescale
-rule and raises :class:`NoRescaleRule` (a :class:`~liftcam_jax.errors.LiftcamError`)
-naming the primitive; this module never falls back to gradients silently.
+Anything else that depends on the input (a data-dependent branch, an integer
+computed from the input, a ``while`` loop, a ``stop_gradient`` other than a
+max-shift) has no rescale rule and raises :class:`NoRescaleRule` (a
+:class:`~liftcam_jax.errors.LiftcamError`) naming the primitive, and so does
+a softmax at the head's output unless the caller asks for it (explain the
+logits); this module never falls back to gradients silently.
 """
 from __future__ import annotations
 
@@ -56,9 +64,14 @@ import jax
 import jax.numpy as jnp
 from jax.extend import core as jcore
 
-from . import interpreter, primitives
+from . import interpreter, primitives, rescale_rules
 from .errors import LiftcamError
 from .interpreter import classify
+from .rescale_rules import Pair as _Pair
+from .rescale_rules import Zeros as _Zeros
+from .rescale_rules import ref as _ref
+from .rescale_rules import secant as _secant
+from .rescale_rules import where_small as _where_small
 
 __all__ = [
     "NoRescaleRule",
@@ -86,41 +99,10 @@ class _Ctx(NamedTuple):
     table: Any = None  # the rule table (set by linearize)
 
 
-class _Pair(NamedTuple):
-    """An input-dependent value at the actual and at the reference input."""
-
-    val: Any
-    ref: Any  # an array, or a _Zeros while the reference value is known to be zero
-
-
-class _Zeros(NamedTuple):
-    """A reference value known to be all zeros, not materialised.
-
-    The default reference of LIFT-CAM and DeepLIFT is zero. Through the head's
-    first linear layers (``dot_general``, ``conv_general_dilated``, reshapes,
-    max-pooling, ...) its value stays zero, so the reference pass skips them: on
-    VGG16 that saves reading fc6's 25088 x 4096 weights a second time.
-    """
-
-    shape: tuple
-    dtype: Any
-
-
-def _ref(u: _Pair):
-    """The reference value of ``u`` as an array (zeros materialised on demand)."""
-    if isinstance(u.ref, _Zeros):
-        # The barrier keeps XLA from constant-folding the reference pass when a
-        # caller closes over the parameters (slow to compile, nothing gained).
-        return jax.lax.optimization_barrier(jnp.zeros(u.ref.shape, u.ref.dtype))
-    return u.ref
-
 # Windowed or reduced maxima/minima (kind "chooser" in liftcam_jax.primitives):
 # how two candidate outputs combine.
 _CROSS = {"max": jnp.maximum, "min": jnp.minimum}
 
-
-def _where_small(du, eps):
-    return jnp.abs(du) < eps
 
 # ---------------------------------------------------------------------------
 # rules: each returns (outputs, tangent_fn) where tangent_fn maps the tangents of
@@ -157,29 +139,9 @@ def _linear_rule(eqn, ins, dep_idx, ctx):
     return [_Pair(v, r) for v, r in zip(vals, refs)], lambda *t: list(lin(*t))
 
 
-def _secant(g, u: _Pair, eps):
-    r"""Secant slope of an elementwise ``g`` between ``u.val`` and ``u.ref``, differentiable.
-
-    .. math::  s = \frac{g(u) - g(u_{ref})}{u - u_{ref}}, \qquad
-               s = g'\big(\tfrac{u + u_{ref}}{2}\big) \text{ where } |u - u_{ref}| < \varepsilon.
-
-    The midpoint derivative has the secant's value up to
-    :math:`O(\Delta^2)` and its derivative, :math:`\partial s/\partial u =
-    g''/2` per side, so ``jax.grad`` of an explanation is the derivative of
-    the explanation (no ``stop_gradient``). The division is guarded by a
-    second ``where`` so that the branch not taken has no NaN gradient.
-    """
-    u_ref = _ref(u)
-    val, ref = g(u.val), g(u_ref)
-    du = u.val - u_ref
-    small = _where_small(du, eps)
-    mid = (u.val + u_ref) / 2
-    _, deriv = jax.jvp(g, (mid,), (jnp.ones_like(mid),))
-    slope = jnp.where(small, deriv, (val - ref) / jnp.where(small, 1.0, du))
-    return val, ref, slope
-
-
 def _elementwise_rule(eqn, ins, dep_idx, ctx):
+    """The secant rule of an elementwise function of one value (each output its own secant:
+    an elementwise region, :func:`liftcam_jax.interpreter.plan`, may return several)."""
     (i,) = dep_idx
     out_shape = eqn.outvars[0].aval.shape
     u = ins[i]
@@ -189,9 +151,9 @@ def _elementwise_rule(eqn, ins, dep_idx, ctx):
     else:
         expand = lambda t: t
     base = interpreter.eqn_fn(eqn, ins, dep_idx)
-    val, ref, slope = _secant(lambda x: base(x)[0], u, ctx.eps)
+    secants = [_secant(lambda x, k=k: base(x)[k], u, ctx.eps) for k in range(len(eqn.outvars))]
     ctx.nonlinear.append(primitives.label(eqn))
-    return [_Pair(val, ref)], lambda t: [slope * expand(t)]
+    return [_Pair(val, ref) for val, ref, _ in secants], lambda t: [s * expand(t) for _, _, s in secants]
 
 
 def _chooser_rule(eqn, ins, dep_idx, ctx):
@@ -280,11 +242,13 @@ def register_rule(primitive, rule: Optional[Callable]):
     A registered rule takes precedence over the built-in one; ``rule=None``
     removes it. Returns the rule registered before (or ``None``).
 
-    Example, a squeeze-excitation gate ``x * sigmoid(s(x))`` multiplies two
-    activations, which no built-in rule explains. The product's difference
-    splits exactly into :math:`\Delta(ab) = \bar b\,\Delta a + \bar a\,\Delta b`
+    Example, the built-in rule of a product of two activations (a
+    squeeze-excitation gate ``x * sigmoid(s(x))``, :mod:`liftcam_jax.rescale_rules`)
+    splits its difference exactly into :math:`\Delta(ab) = \bar b\,\Delta a + \bar a\,\Delta b`
     with the averages :math:`\bar a = (a + a_{ref})/2` (the Shapley split of a
-    product of two players)::
+    product of two players); written as a user's rule it reads (register a
+    different split the same way, e.g. all of the difference to the signal,
+    ``lambda da, db: b * da + ar * db``)::
 
         def product_rule(xs, refs, **params):
             (a, b), (ar, br) = xs, refs
@@ -315,10 +279,12 @@ _TABLE = interpreter.RuleTable(
         "linear": _linear_rule,
         "elementwise": _elementwise_rule,
         "chooser": _chooser_rule,
+        "product": rescale_rules.product_rule,
     },
     _call,
     primal=lambda v: v.val if isinstance(v, _Pair) else v,
     depends=lambda v: isinstance(v, _Pair),
+    shift=rescale_rules.shift,
 )
 
 
@@ -367,7 +333,8 @@ class Linearized(NamedTuple):
     nonlinear: tuple = ()
 
 
-def linearize(fun: Callable, x, x_ref=None, *, eps: float = DEFAULT_EPS) -> Linearized:
+def linearize(fun: Callable, x, x_ref=None, *, eps: float = DEFAULT_EPS,
+              allow_softmax_output: bool = False) -> Linearized:
     """Build DeepLIFT's rescale-rule linear map of ``fun`` between ``x_ref`` and ``x``.
 
     Args:
@@ -379,6 +346,11 @@ def linearize(fun: Callable, x, x_ref=None, *, eps: float = DEFAULT_EPS) -> Line
         default) is the all-zero reference, kept symbolic through the layers
         that map zero to zero so that the reference pass skips them.
       eps: differences below this use the derivative instead of the secant.
+      allow_softmax_output: explain a softmax or log-softmax that is the head's
+        output (:func:`liftcam_jax.interpreter.softmax_at_output`). ``False``
+        (the default, for class logits) refuses it with the advice to explain
+        the logits; a caller explaining a target function the user wrote of
+        the output (a probability asked for by name) passes ``True``.
 
     Returns:
       A :class:`Linearized` with the outputs at both points, the linear map and
@@ -409,6 +381,8 @@ def linearize(fun: Callable, x, x_ref=None, *, eps: float = DEFAULT_EPS) -> Line
         return leaves
 
     closed = jax.make_jaxpr(flat_fun)(*flat_x)
+    if not allow_softmax_output:
+        interpreter.check_output(closed.jaxpr, NoRescaleRule, "DeepLIFT")
     otree = out_tree[-1]
     ctx = _Ctx(eps, [], _TABLE)
     outs, program = _interpret(
@@ -469,7 +443,8 @@ class DeepLift(NamedTuple):
     delta: Any
 
 
-def deeplift(fun: Callable, x, x_ref=None, targets=None, *, eps: float = DEFAULT_EPS) -> DeepLift:
+def deeplift(fun: Callable, x, x_ref=None, targets=None, *, eps: float = DEFAULT_EPS,
+             allow_softmax_output: bool = False) -> DeepLift:
     """DeepLIFT (rescale rule) attributions of a batched classifier-like function.
 
     Args:
@@ -479,6 +454,7 @@ def deeplift(fun: Callable, x, x_ref=None, targets=None, *, eps: float = DEFAULT
       x_ref: the reference batch (default zeros), broadcastable to ``x``.
       targets: ``(B,)`` output index per example, or one int; ``None`` takes the
         arg-max of ``fun(x)``. Ignored for ``(B,)`` outputs.
+      allow_softmax_output: see :func:`linearize`.
 
     Returns:
       :class:`DeepLift` with attributions and multipliers shaped like ``x``.
@@ -486,7 +462,7 @@ def deeplift(fun: Callable, x, x_ref=None, targets=None, *, eps: float = DEFAULT
     x = jnp.asarray(x)
     if x_ref is not None:
         x_ref = jnp.broadcast_to(jnp.asarray(x_ref, x.dtype), x.shape)
-    lin = linearize(fun, x, x_ref, eps=eps)
+    lin = linearize(fun, x, x_ref, eps=eps, allow_softmax_output=allow_softmax_output)
     out, out_ref = lin.out, lin.out_ref
     if out.ndim == 1:
         ct = jnp.ones_like(out)

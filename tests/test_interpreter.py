@@ -120,8 +120,8 @@ def test_cond_with_a_traced_input_independent_index_takes_its_branch():
     (lambda a: nn.softmax(_dense(a)), "softmax"),
     (lambda a: lax.while_loop(lambda c: c[1] < 3, lambda c: (jnp.tanh(c[0]), c[1] + 1), (a, 0))[0], "'while'"),
     (lambda a: lax.reduce_window(a, 1.0, lambda u, v: u * v, (1, 2), (1, 2), "VALID"), "'reduce_window'"),
-    (lambda a: lax.scan(lambda c, x: (c * x, c), a[:, 0], a.T)[1].T, "'mul'"),
-    (lambda a: jnp.where(a > 0, a, 0.0), "'gt'"),
+    (lambda a: lax.scan(lambda c, x: (jnp.maximum(c, x), c), a[:, 0], a.T)[1].T, "'max'"),
+    (lambda a: jnp.where(a[:, :1] > 0, a, 0.0), "gt"),
 ])
 def test_refused_primitives_are_one_line_errors_naming_them(fun, name):
     a = _x((2, 4))
@@ -153,32 +153,46 @@ def product_rule(xs, refs, **params):
     return a * b, ar * br, lambda da, db: (b + br) / 2 * da + (a + ar) / 2 * db
 
 
-def test_a_registered_rule_explains_a_gate_and_keeps_summation_to_delta():
+def signal_takes_all(xs, refs, **params):
+    """A different exact split: all of a * g - a' * g' to the signal a (the gate held at g)."""
+    (a, g), (ar, gr) = xs, refs
+    if a is ar or g is gr:
+        return None
+    return a * g, ar * gr, lambda da, dg: g * da + ar * dg
+
+
+def test_the_built_in_product_rule_is_the_readme_example_and_a_registered_rule_wins():
+    """A squeeze-excitation gate a * sigmoid(s(a)): the built-in Shapley split equals the README's
+    registered ``product_rule``; a different registered rule takes precedence (and is exact too)."""
     head = SEHead()
     a = jax.nn.relu(_x((2, 4, 4, 8)))
     v = head.init(KEY, a)
     f = lambda z: head.apply(v, z)
-    with pytest.raises(NoRescaleRule, match="'mul'.*register_rule"):
-        deeplift(f, a, None, 1)
+    targets = jnp.array([1, 3])
+    built_in = deeplift(f, a, None, targets)
+    assert float(jnp.max(jnp.abs(built_in.delta))) < 1e-5
     try:
         assert rescale.register_rule(jax.lax.mul_p, product_rule) is None
-        r = deeplift(f, a, None, jnp.array([1, 3]))
-        assert float(jnp.max(jnp.abs(r.delta))) < 1e-5
-        # the built-in rule still explains products by a constant (BN-like scales)
+        r = deeplift(f, a, None, targets)
+        np.testing.assert_allclose(r.attributions, built_in.attributions, rtol=1e-5, atol=1e-7)
+        # the user's rule declines products by a constant (BN-like scales): the built-in rule
         g = deeplift(lambda z: f(z * 2.0), a, None, 1)
         assert float(jnp.max(jnp.abs(g.delta))) < 1e-5
+        rescale.register_rule(jax.lax.mul_p, signal_takes_all)
+        other = deeplift(f, a, None, targets)
+        assert float(jnp.max(jnp.abs(other.delta))) < 1e-5
+        assert float(jnp.max(jnp.abs(other.attributions - built_in.attributions))) > 1e-3
         e = jax.jit(lj.explainer(lj.Split(lambda p, x: x, lambda p, z: head.apply(p, z))))(v, a)
         np.testing.assert_allclose(e.coefficients.sum(-1), e.logits[jnp.arange(2), e.targets]
                                    - e.reference_logits[jnp.arange(2), e.targets], rtol=1e-4, atol=1e-5)
     finally:
         rescale.register_rule("mul", None)
-    with pytest.raises(NoRescaleRule, match="'mul'"):
-        deeplift(f, a, None, 1)
+    np.testing.assert_allclose(deeplift(f, a, None, targets).attributions, built_in.attributions, rtol=1e-6)
 
 
 def test_a_registered_lrp_rule():
     def f(z):
-        return _dense(z * jax.nn.sigmoid(z))
+        return _dense(z * jax.nn.sigmoid(_dense(z, seed=2)))
 
     a = _x((2, 4))
     with pytest.raises(NoRelevanceRule, match="'mul'"):
@@ -194,7 +208,7 @@ def test_a_registered_lrp_rule():
         lrp.register_rule(jax.lax.mul_p, gate_rule)
         res = lrp.lrp(f, a, 0)
         # all relevance to the signal: the same as explaining z -> dense(z * const gate)
-        gate = jax.nn.sigmoid(a)
+        gate = jax.nn.sigmoid(_dense(a, seed=2))
         want = lrp.lrp(lambda z: _dense(z * gate), a, 0)
         np.testing.assert_allclose(res.attributions, want.attributions, rtol=1e-5)
     finally:
