@@ -12,6 +12,7 @@ from .explanation import Attribution, Explanation, assemble
 from .flax_split import SplitError, linen_split, nnx_split
 from .methods.lift_cam import lift_cam_coefficients
 from .model import Classifier, Preprocess, Split
+from .tokens import TokenLayout
 from .rescale import NoRescaleRule, deeplift, linearize
 
 __version__ = "0.1.0"
@@ -49,6 +50,7 @@ __all__ = [
     "linen_split",
     "nnx_split",
     "SplitError",
+    "TokenLayout",
     "lift_cam_coefficients",
     "linearize",
     "lrp",

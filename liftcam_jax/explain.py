@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from . import methods as _methods
+from . import tokens as _tokens
 from .methods import Method
 from .explanation import Explanation, check_targets, from_attribution, resolve_targets
 from .model import Split
@@ -26,6 +27,10 @@ def explain(split: Split, params, x, targets=None, *, method: Union[str, Method]
     checked, and an out-of-range target gives that image NaN maps and
     coefficients, never a blank map.
 
+    Token activations ``(B, N, D)`` (a ViT block's output) are explained on
+    their patch grid: the layout is ``split.tokens`` or inferred
+    (:mod:`liftcam_jax.tokens`, which also says how each method sees tokens).
+
     Example::
 
         exp = explain(model.split, model.params, x)              # LIFT-CAM
@@ -39,8 +44,10 @@ def explain(split: Split, params, x, targets=None, *, method: Union[str, Method]
         if key is None:
             key = jax.random.PRNGKey(0)
         options = dict(options, key=key)
-    att = m.fn(split, params, x, activations, targets, logits, **options)
-    return from_attribution(activations, att, x.shape[1:3], logits, targets)
+    layout = _tokens.resolve(activations, x.shape[1:3], split.tokens)  # None for (B, h, w, K) maps
+    seen_split, seen, layout = _tokens.method_inputs(split, activations, layout, m.tokens)
+    att = m.fn(seen_split, params, x, seen, targets, logits, **options)
+    return from_attribution(seen, att, x.shape[1:3], logits, targets, tokens=layout)
 
 
 def explainer(split: Split, method: Union[str, Method] = "lift-cam", **options):

@@ -12,6 +12,11 @@ Localization"; Selvaraju et al., ICCV 2017, Grad-CAM; Jung & Oh, ICCV 2021,
 LIFT-CAM.) Bilinear upsampling with half-pixel centres is PyTorch's
 ``F.interpolate(mode="bilinear", align_corners=False)`` and OpenCV's
 ``cv2.resize(INTER_LINEAR)``, which the reference implementations use.
+
+Token activations ``(B, N, D)`` (:mod:`liftcam_jax.tokens`): the map is drawn
+on the grid tokens, ``A^k`` = the grid tokens reshaped to ``(B, h, w, D)``;
+the prefix tokens (class, distillation, registers) are left out of the map, and
+their share of the coefficients is reported (``prefix_coefficients``).
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .errors import UsageError
+from .tokens import TokenLayout, prefix_share, to_grid
 
 Array = Any
 
@@ -39,6 +45,12 @@ class Explanation(NamedTuple):
       targets: ``(B,)`` the explained class per image.
       reference_logits: ``(B, C)`` the head's logits at the reference
         activations (LIFT-CAM: ``y(0)``), or ``None`` for methods without one.
+      prefix_coefficients: for token activations, ``(B, K)`` the prefix
+        tokens' part of ``coefficients`` (methods that sum over every token:
+        LIFT-CAM, DeepLIFT-SHAP-CAM, LRP-CAM), so that ``coefficients -
+        prefix_coefficients`` is the grid tokens' part; summation-to-delta holds
+        for ``coefficients``, over all tokens. ``None`` for ``(B, h, w, K)``
+        maps and for methods without such a split (:mod:`liftcam_jax.tokens`).
     """
 
     maps: Array
@@ -47,6 +59,7 @@ class Explanation(NamedTuple):
     logits: Array
     targets: Array
     reference_logits: Optional[Array] = None
+    prefix_coefficients: Optional[Array] = None
 
 
 class Attribution(NamedTuple):
@@ -59,6 +72,8 @@ class Attribution(NamedTuple):
       reference_logits: ``(B, C)`` or ``None``.
       bias: ``(B,)`` added to the weighted sum before the ReLU, or ``None``.
       relu: whether the assembled map is rectified (a Python bool).
+      prefix_coefficients: ``(B, K)`` the prefix tokens' part of the
+        coefficients, or ``None`` (see :class:`Explanation`).
     """
 
     weights: Array
@@ -66,6 +81,7 @@ class Attribution(NamedTuple):
     reference_logits: Optional[Array] = None
     bias: Optional[Array] = None
     relu: bool = True
+    prefix_coefficients: Optional[Array] = None
 
 
 def weighted_sum(activations: Array, weights: Array, bias: Optional[Array] = None) -> Array:
@@ -144,22 +160,34 @@ def resolve_targets(targets, logits: Array) -> Array:
     return jnp.broadcast_to(jnp.asarray(targets, jnp.int32), (batch,))
 
 
-def from_attribution(activations: Array, att: Attribution, size, logits: Array, targets: Array) -> Explanation:
+def from_attribution(activations: Array, att: Attribution, size, logits: Array, targets: Array, *,
+                     tokens: Optional[TokenLayout] = None) -> Explanation:
     """Assemble an :class:`Explanation` from a method's :class:`Attribution`.
+
+    ``tokens``: the layout of ``(B, N, D)`` token activations; the map is drawn
+    on the grid tokens (:func:`liftcam_jax.tokens.to_grid` of the activations,
+    and of per-position weights). Per-position weights without reported
+    coefficients give ``coefficients = sum over all tokens of w * A`` and its
+    prefix part.
 
     An image whose target is not a class index (``t < 0`` or ``t >= C``, only
     possible for targets traced under ``jit``; concrete ones are refused
     earlier) gets NaN maps, raw map and coefficients: a one-hot of such a
     target is all zeros, which would otherwise give a blank map silently.
     """
-    maps, raw = assemble(activations, att.weights, size, bias=att.bias, relu=att.relu)
-    coeffs = att.coefficients
+    grid, weights = activations, att.weights
+    if tokens is not None:
+        grid = to_grid(activations, tokens)
+        weights = to_grid(weights, tokens) if weights.ndim == activations.ndim else weights
+    maps, raw = assemble(grid, weights, size, bias=att.bias, relu=att.relu)
+    coeffs, prefix = att.coefficients, att.prefix_coefficients
     if coeffs is None:
         if att.weights.ndim == 2:
             coeffs = att.weights
         else:
-            coeffs = jnp.sum(att.weights * activations, axis=(1, 2))
+            coeffs, share = prefix_share(att.weights * activations, tokens)
+            prefix = share if prefix is None else prefix
     valid = (targets >= 0) & (targets < logits.shape[-1])
     nan_unless = lambda a: jnp.where(valid.reshape((-1,) + (1,) * (a.ndim - 1)), a, jnp.nan)
     return Explanation(nan_unless(maps), nan_unless(raw), nan_unless(coeffs), logits, targets,
-                       att.reference_logits)
+                       att.reference_logits, None if prefix is None else nan_unless(prefix))

@@ -330,7 +330,8 @@ def _flax_failure(e: Exception) -> Optional[str]:
 
 def linen_split(module, layer, method=None, *, output: Optional[Callable] = None,
                 layer_output: Optional[Callable] = None, call_index: Optional[int] = None,
-                input_shape: Optional[Sequence[int]] = None, input_dtype=jnp.float32, **apply_kwargs) -> Split:
+                input_shape: Optional[Sequence[int]] = None, input_dtype=jnp.float32, tokens=None,
+                **apply_kwargs) -> Split:
     """Split a ``flax.linen`` module at the output of the submodule at path ``layer``.
 
     Args:
@@ -357,6 +358,8 @@ def linen_split(module, layer, method=None, *, output: Optional[Callable] = None
       call_index: which call of a submodule called several times.
       input_shape: the per-image input shape; default: remembered from
         ``features``.
+      tokens: for ``(B, N, D)`` token outputs, their
+        :class:`~liftcam_jax.tokens.TokenLayout` (default: inferred).
       **apply_kwargs: passed to ``module.apply``: the model's evaluation flag
         (``train=False``, ``deterministic=True``). A BatchNorm or Dropout in
         train mode, a write to a variable collection or a draw from an RNG
@@ -402,7 +405,7 @@ def linen_split(module, layer, method=None, *, output: Optional[Callable] = None
             raise SplitError(f"{why}; {advice}") from e
 
     return _split(run, layer, call_index, input_shape, input_dtype, output,
-                  "linen_split (output= or method=)", layer_output)
+                  "linen_split (output= or method=)", layer_output)._replace(tokens=tokens)
 
 
 def _declared(variables, path) -> bool:
@@ -452,7 +455,7 @@ def _nnx_train_mode(model) -> Optional[str]:
 def nnx_split(model, layer, *, output: Optional[Callable] = None, layer_output: Optional[Callable] = None,
               call_index: Optional[int] = None,
               input_shape: Optional[Sequence[int]] = None, input_dtype=jnp.float32,
-              **call_kwargs):
+              tokens=None, **call_kwargs):
     """Split a ``flax.nnx`` module at the output of the submodule at path ``layer``.
 
     Returns ``(split, state)``: ``state`` (``nnx.split(model)``'s state: the
@@ -472,6 +475,8 @@ def nnx_split(model, layer, *, output: Optional[Callable] = None, layer_output: 
     :class:`SplitError` naming ``model.eval()``, unless ``call_kwargs`` pass an
     evaluation flag (``train=False``, ``deterministic=True``); a state change
     while the model runs is the same error.
+    ``tokens``: for ``(B, N, D)`` token outputs, their
+    :class:`~liftcam_jax.tokens.TokenLayout` (default: inferred).
 
     Example::
 
@@ -511,4 +516,4 @@ def nnx_split(model, layer, *, output: Optional[Callable] = None, layer_output: 
             raise SplitError(f"{why}; {advice}") from e
 
     return _split(run, layer, call_index, input_shape, input_dtype, output, "nnx_split (output=)",
-                  layer_output), state
+                  layer_output)._replace(tokens=tokens), state

@@ -2,8 +2,12 @@
 
 A CNN classifier ``f`` is split at a stage boundary into two pure functions::
 
-    A = features(params, x)        # (B, h, w, K) activation maps
+    A = features(params, x)        # (B, h, w, K) activation maps (or (B, N, D) tokens)
     y = head(params, A)            # (B, C) logits,   y = f(x)
+
+A Vision Transformer's split gives ``(B, N, D)`` tokens; their layout (prefix
+tokens, then a patch grid) is the split's ``tokens`` or is inferred
+(:mod:`liftcam_jax.tokens`).
 
 Every method in ``liftcam_jax`` is a function of these two (and of the
 parameters, which are always arguments, never constants baked into a compiled
@@ -17,15 +21,24 @@ from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import numpy as np
 
+from .tokens import TokenLayout
+
 Params = Any
 Array = Any
 
 
 class Split(NamedTuple):
-    """A classifier cut in two at a named stage: ``head(p, features(p, x)) == f(p, x)``."""
+    """A classifier cut in two at a named stage: ``head(p, features(p, x)) == f(p, x)``.
+
+    ``tokens``: for ``(B, N, D)`` token activations, their
+    :class:`~liftcam_jax.tokens.TokenLayout` (prefix tokens, then an ``h x w``
+    grid); ``None`` infers it from ``N`` and the input size
+    (:func:`liftcam_jax.tokens.infer_layout`). Unused for ``(B, h, w, K)`` maps.
+    """
 
     features: Callable[[Params, Array], Array]
     head: Callable[[Params, Array], Array]
+    tokens: Optional[TokenLayout] = None
 
     def __call__(self, params: Params, x: Array) -> Array:
         return self.head(params, self.features(params, x))
@@ -112,6 +125,10 @@ class Classifier:
     @property
     def head(self):
         return self.split.head
+
+    def with_tokens(self, tokens: Optional[TokenLayout]) -> "Classifier":
+        """The same classifier with its split's token layout set (``--tokens`` in the CLI)."""
+        return dataclasses.replace(self, split=self.split._replace(tokens=tokens))
 
     def logits(self, x):
         return self.split(self.params, x)

@@ -32,6 +32,20 @@ def add_model_arguments(parser, *, weights_default=None, weights_help=None) -> N
         help=weights_help or "checkpoint path, or 'random' (default: the model's pretrained weights)",
     )
     parser.add_argument("--layer", default=None, help="where to split the model (default: the model's default layer)")
+    parser.add_argument("--tokens", type=token_layout, default=None, metavar="P,HxW",
+                        help="for a split with (B, N, D) token activations (a ViT block): P prefix tokens (class, "
+                             "distillation, registers), then an HxW patch grid, e.g. 1,14x14 (default: inferred; "
+                             "see liftcam_jax.tokens)")
+
+
+def token_layout(text: str):
+    """argparse type: ``P,HxW`` -> :class:`~liftcam_jax.tokens.TokenLayout` (:func:`liftcam_jax.tokens.parse_layout`)."""
+    from ..tokens import parse_layout
+
+    try:
+        return parse_layout(text)
+    except errors.UsageError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def model_name(zoo, name=None) -> str:
@@ -50,8 +64,10 @@ def model_name(zoo, name=None) -> str:
 
 def load_model(zoo, args, **weights):
     """The classifier ``args`` name: ``--model`` (default :func:`model_name`), ``--weights`` (or
-    ``weights=`` when given) and ``--layer``."""
-    return zoo.load(model_name(zoo, args.model), weights=weights.get("weights", args.weights), layer=args.layer)
+    ``weights=`` when given), ``--layer`` and ``--tokens`` (:meth:`~liftcam_jax.model.Classifier.with_tokens`)."""
+    classifier = zoo.load(model_name(zoo, args.model), weights=weights.get("weights", args.weights), layer=args.layer)
+    tokens = getattr(args, "tokens", None)
+    return classifier if tokens is None else classifier.with_tokens(tokens)
 
 
 def default_out(spec, suffix: str = "") -> str:

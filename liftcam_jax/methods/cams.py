@@ -23,6 +23,13 @@ not reproduce the double normalisation.
 
 Methods (registry names): ``cam``, ``grad-cam``, ``grad-cam++``,
 ``xgrad-cam``, ``layer-cam``, ``hires-cam``, ``eigen-cam``.
+
+Token activations ``(B, N, D)`` (:mod:`liftcam_jax.tokens`): every method
+here but CAM sees the grid tokens, ``A`` and ``g`` reshaped to
+``(B, h, w, D)`` with the prefix tokens dropped from both (the head still
+reads the prefix tokens, at their values): pytorch-grad-cam with its
+``reshape_transform``. CAM sees the tokens, to check the head: it must pool
+the grid tokens (a head that reads only the class token has no CAM).
 """
 from __future__ import annotations
 
@@ -30,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .. import primitives, rescale
+from .. import primitives, rescale, tokens as _tokens
 from ..errors import UsageError, positive_int
 from ..explanation import Attribution
 from .registry import register
@@ -77,7 +84,7 @@ def _probe_params(params):
     return jax.tree_util.tree_map(draw, params)
 
 
-def check_cam_head(head, params, activations, *, rtol: float = 1e-4) -> None:
+def check_cam_head(head, params, activations, *, rtol: float = 1e-4, tokens=None) -> None:
     r"""Raise :class:`UsageError` unless ``head`` is global average pooling + a linear layer.
 
     CAM is defined for ``y_c = \sum_k w_{ck} \frac{1}{hw}\sum_{ij} A_{ijk} + b_c``,
@@ -95,6 +102,11 @@ def check_cam_head(head, params, activations, *, rtol: float = 1e-4) -> None:
        it must be constant over ``(i, j)`` up to ``rtol`` of its largest
        entry. A flatten + Linear head (position-dependent weights) fails
        this for generic parameters; GAP + Linear passes for any parameters.
+
+    For token activations (``tokens``, a :class:`~liftcam_jax.tokens.TokenLayout`)
+    the gradient must be uniform over the grid tokens and not zero there (a
+    head that pools the grid tokens; the prefix tokens may be pooled too, or
+    not). A head that reads only the class token is refused.
     """
     try:
         nonlinear = rescale.nonlinear_primitives(lambda a: head(params, a), activations)
@@ -115,6 +127,13 @@ def check_cam_head(head, params, activations, *, rtol: float = 1e-4) -> None:
         out, vjp = jax.vjp(lambda z: head(probe, z), a)
         (g,) = vjp(rng.standard_normal(out.shape).astype(out.dtype))
         g = np.asarray(g)
+    if tokens is not None:
+        g = np.asarray(_tokens.to_grid(g, tokens))
+        if not np.any(g):
+            raise UsageError(
+                "CAM needs a head that pools the grid tokens; this head reads none of them (e.g. only the class "
+                "token), so it has no class weights w_ck (use grad-cam at an earlier block, or lift-cam)"
+            )
     spread = np.max(np.abs(g - g.mean(axis=SPATIAL, keepdims=True)))
     scale = np.max(np.abs(g))
     if not np.isfinite(spread) or spread > rtol * scale:
@@ -125,7 +144,7 @@ def check_cam_head(head, params, activations, *, rtol: float = 1e-4) -> None:
         )
 
 
-@register("cam", summary="CAM: the linear layer's class weights after global average pooling (Zhou et al., CVPR 2016)")
+@register("cam", tokens="all", summary="CAM: the linear layer's class weights after global average pooling (Zhou et al., CVPR 2016)")
 def cam(split, params, x, activations, targets, logits, *, key=None):
     r"""CAM (Zhou, Khosla, Lapedriza, Oliva & Torralba, "Learning Deep Features
     for Discriminative Localization", CVPR 2016).
@@ -138,12 +157,15 @@ def cam(split, params, x, activations, targets, logits, *, key=None):
                = \sum_{ij} \frac{\partial y_c}{\partial A_{ijk}}.
 
     Any other head is a :class:`~liftcam_jax.errors.UsageError`; see
-    :func:`check_cam_head` for how that is decided.
+    :func:`check_cam_head` for how that is decided. For tokens the weights sum
+    the gradient over the grid tokens (a head pooling all tokens gives
+    weights ``w_ck hw / N``, the same map).
     """
-    del x, logits, key
-    check_cam_head(split.head, params, activations)
+    del logits, key
+    layout = _tokens.resolve(activations, x.shape[1:3], split.tokens)
+    check_cam_head(split.head, params, activations, tokens=layout)
     grads, _ = target_gradients(split.head, params, activations, targets)
-    return Attribution(_spatial_sum(grads))
+    return Attribution(_spatial_sum(grads if layout is None else _tokens.to_grid(grads, layout)))
 
 
 # ---------------------------------------------------------------------------

@@ -23,6 +23,11 @@ Singh & Guestrin, "Why Should I Trust You?", KDD 2016):
 The masks are drawn from the PRNG ``key`` and shared by the images of a
 batch (so an image's explanation does not depend on its batch); the Lasso is
 fitted per image, ``vmap``-ed.
+
+Token activations ``(B, N, D)`` (:mod:`liftcam_jax.tokens`): a channel is
+removed from every token (prefix tokens included), as in the channel game of
+:mod:`liftcam_jax.shap` whose SHAP values LIFT-CAM estimates, and the cosine
+kernel compares all tokens.
 """
 from __future__ import annotations
 
@@ -33,6 +38,7 @@ import jax.numpy as jnp
 
 from ..errors import UsageError, positive_int
 from ..explanation import Attribution
+from ..tokens import position_axes
 from ..shap import DEFAULT_CHUNK, coalition_values
 from .registry import register
 
@@ -144,7 +150,7 @@ def weighted_lasso(x: Array, y: Array, sample_weight: Array, alpha: float = DEFA
 def cosine_kernel_weights(activations: Array, masks: Array, kernel_width: float = 1.0) -> Array:
     r"""LIME sample weights ``(N, B)``: :math:`\exp(-d^2 / 2\sigma^2)`, ``d`` the cosine distance
     between the flattened activations and the activations with channels masked by ``masks`` ``(N, K)``."""
-    energy = jnp.sum(activations * activations, axis=(1, 2))  # (B, K)
+    energy = jnp.sum(activations * activations, axis=position_axes(activations))  # (B, K)
     total = jnp.sum(energy, axis=1)  # (B,)
     kept = masks.astype(energy.dtype) @ energy.T  # (N, B)
     cos = jnp.sqrt(jnp.maximum(kept, 0.0) / jnp.where(total > 0, total, 1.0))
@@ -159,7 +165,7 @@ def lime_cam_coefficients(head, params, activations, targets, key, *, num_sample
 
     Args:
       head: ``head(params, A) -> (B, C)``.
-      activations: ``(B, h, w, K)``.
+      activations: ``(B, h, w, K)`` maps or ``(B, N, K)`` tokens.
       targets: ``(B,)`` ints.
       key: PRNG key for the masks.
       num_samples: number of masks (default ``K``, as the authors).
@@ -183,6 +189,7 @@ def lime_cam_coefficients(head, params, activations, targets, key, *, num_sample
 @register(
     "lime-cam",
     needs_key=True,
+    tokens="all",
     summary="LIME-CAM: weighted Lasso of the target logit on random channel masks (Ribeiro et al. 2016)",
 )
 def lime_cam(split, params, x, activations, targets, logits, *, key=None, num_samples=None,

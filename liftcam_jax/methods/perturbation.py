@@ -12,6 +12,12 @@ to a subset; channels outside it get weight 0 (for Ablation-CAM that is what
 pytorch-grad-cam gives a channel it skips, ``(y - y)/y``; for Score-CAM the
 softmax runs over the subset only). Both options are ordinary keyword
 options of :func:`liftcam_jax.explain`.
+
+Token activations ``(B, N, D)`` (:mod:`liftcam_jax.tokens`): Score-CAM's
+masks are the grid tokens' maps (the prefix tokens have no place in the
+image); Ablation-CAM ablates a channel on every token, prefix tokens included,
+as pytorch-grad-cam's ``AblationLayerVit`` does (a channel is removed from the
+head's input, whichever token carries it).
 """
 from __future__ import annotations
 
@@ -20,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..errors import UsageError
+from .. import tokens as _tokens
 from ..explanation import Attribution, normalize, upsample
 from .cams import _chunk
 from .registry import register
@@ -63,7 +70,7 @@ def score_cam_mask(maps, size):
     return normalize(upsample(maps, size))
 
 
-@register("score-cam", summary="Score-CAM: softmax of the target logits of the input masked by each activation map (Wang et al., CVPRW 2020)")
+@register("score-cam", tokens="all", summary="Score-CAM: softmax of the target logits of the input masked by each activation map (Wang et al., CVPRW 2020)")
 def score_cam(split, params, x, activations, targets, logits, *, key=None, chunk_size: int = DEFAULT_CHUNK,
               channels=None):
     r"""Score-CAM (Wang, Wang, Du, Yang, Zhang, Ding, Mardziel & Hu, "Score-CAM:
@@ -103,6 +110,9 @@ def score_cam(split, params, x, activations, targets, logits, *, key=None, chunk
     """
     del logits, key
     chunk_size = _chunk(chunk_size)
+    layout = _tokens.resolve(activations, x.shape[1:3], split.tokens)
+    if layout is not None:  # the grid tokens' maps; split(params, x) is the whole model
+        activations = _tokens.to_grid(activations, layout)
     b, h, w, k = activations.shape
     idx = _channels(channels, k)
     n = idx.size
@@ -141,12 +151,12 @@ ABLATION_OFFSET = 1e7  # pytorch-grad-cam's ABLATION_VALUE
 def ablation_values(activations):
     """Per image, the value an ablated channel takes (pytorch-grad-cam's ``AblationLayer``):
     0 when the image's smallest activation is 0 (post-ReLU layers), else
-    ``min(A) - 1e7``."""
-    amin = jnp.min(activations, axis=(1, 2, 3))
+    ``min(A) - 1e7`` (the minimum over every position and channel: all tokens for tokens)."""
+    amin = jnp.min(activations, axis=tuple(range(1, jnp.ndim(activations))))
     return jnp.where(amin == 0, jnp.zeros_like(amin), amin - ABLATION_OFFSET)
 
 
-@register("ablation-cam", summary="Ablation-CAM: relative drop of the target logit when a channel is ablated (Desai & Ramaswamy, WACV 2020)")
+@register("ablation-cam", tokens="all", summary="Ablation-CAM: relative drop of the target logit when a channel is ablated (Desai & Ramaswamy, WACV 2020)")
 def ablation_cam(split, params, x, activations, targets, logits, *, key=None, chunk_size: int = DEFAULT_CHUNK,
                  channels=None, ablation_value=None):
     r"""Ablation-CAM (Desai & Ramaswamy, "Ablation-CAM: Visual Explanations for
@@ -179,7 +189,7 @@ def ablation_cam(split, params, x, activations, targets, logits, *, key=None, ch
         value = ablation_values(a)
     else:
         value = jnp.broadcast_to(jnp.asarray(ablation_value, a.dtype), a.shape[:1])
-    value = value.astype(a.dtype)[:, None, None, None]
+    value = value.astype(a.dtype).reshape((-1,) + (1,) * (a.ndim - 1))
     original = _pick(logits, targets)
     channel = jnp.arange(k)
 

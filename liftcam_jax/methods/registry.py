@@ -9,6 +9,13 @@ activations)`` are computed once by :func:`liftcam_jax.explain` and handed in;
 ``targets`` is ``(B,)`` int32. It returns channel (or per-position) weights and
 whatever it wants to report; the map is assembled by
 :func:`liftcam_jax.explanation.assemble`, the same for every method.
+
+Token activations ``(B, N, D)`` (a ViT's split) reach a method in one of two
+ways, its ``tokens`` (:mod:`liftcam_jax.tokens`): ``"grid"`` (default) hands
+it the grid activations ``(B, h, w, D)`` and a head with the prefix tokens
+held at their values (pytorch-grad-cam's ``reshape_transform``); ``"all"``
+hands it the tokens, the model's own head and ``split.tokens`` (the resolved
+:class:`~liftcam_jax.tokens.TokenLayout`), and it sums over every token.
 """
 from __future__ import annotations
 
@@ -26,7 +33,8 @@ class UnknownMethodError(UsageError):
 
 @dataclasses.dataclass(frozen=True)
 class Method:
-    """A registered method: its CLI ``name``, its function, whether it takes a PRNG ``key``, a one-line summary.
+    """A registered method: its CLI ``name``, its function, whether it takes a PRNG ``key``, a one-line summary,
+    and how it sees token activations (``tokens``: ``"grid"`` or ``"all"``, see the module's docstring).
 
     A name is looked up once (:func:`get`, :func:`resolve`) and the object passed on.
     """
@@ -35,19 +43,22 @@ class Method:
     fn: Callable
     needs_key: bool = False
     summary: str = ""
+    tokens: str = "grid"
 
 
 _REGISTRY: Dict[str, Method] = {}
 
 
-def register(name: str, *, needs_key: bool = False, summary: str = ""):
-    """Decorator: register ``fn`` under ``name`` (e.g. ``"lift-cam"``)."""
+def register(name: str, *, needs_key: bool = False, summary: str = "", tokens: str = "grid"):
+    """Decorator: register ``fn`` under ``name`` (e.g. ``"lift-cam"``); ``tokens``: ``"grid"`` or ``"all"``."""
+    if tokens not in ("grid", "all"):
+        raise ValueError(f"tokens must be 'grid' or 'all', got {tokens!r}")
 
     def deco(fn):
         if name in _REGISTRY and _REGISTRY[name].fn is not fn:
             raise ValueError(f"method {name!r} registered twice")
         doc = (fn.__doc__ or "").strip().splitlines()
-        _REGISTRY[name] = Method(name, fn, needs_key, summary or (doc[0] if doc else ""))
+        _REGISTRY[name] = Method(name, fn, needs_key, summary or (doc[0] if doc else ""), tokens)
         return fn
 
     return deco

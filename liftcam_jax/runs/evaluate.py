@@ -244,12 +244,15 @@ def check_cam_applies(classifier) -> Optional[str]:
     import jax
     import jax.numpy as jnp
 
+    from .. import tokens
     from ..methods import cams
 
     s = int(classifier.preprocess.size)
     shape = jax.eval_shape(classifier.split.features, classifier.params, jax.ShapeDtypeStruct((1, s, s, 3), jnp.float32))
     try:
-        cams.check_cam_head(classifier.split.head, classifier.params, jnp.ones(shape.shape, shape.dtype))
+        a = jnp.ones(shape.shape, shape.dtype)
+        layout = tokens.resolve(a, (s, s), classifier.split.tokens)  # None for maps
+        cams.check_cam_head(classifier.split.head, classifier.params, a, tokens=layout)
     except UsageError as e:
         return str(e)
     return None
@@ -348,6 +351,8 @@ def evaluate(classifier, data, methods="all", metrics="all", *, out_dir, config:
     identity = {"command": "evaluate", "data": data if data.startswith("tfds:") else os.path.abspath(data),
                 "model": classifier.name, "layer": classifier.layer, "label_map": d.label_map,
                 "input_size": int(classifier.preprocess.size), **cfg.identity(), **(cfg.run_info or {})}
+    if classifier.split.tokens is not None:  # --tokens: an explicit token layout
+        identity["tokens"] = str(classifier.split.tokens)
     pi, pc = process_share(cfg.process_index, cfg.process_count)
     folder = RunFolder(out_dir, identity, "evaluate", pi, pc)
     t0 = time.perf_counter()

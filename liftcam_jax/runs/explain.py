@@ -39,7 +39,9 @@ whichever host (or host count) did it; :func:`status` merges them.
 ``target``, ``predicted``, for methods with one ``reference_logits``, under
 smoothing or layer fusion ``raw_axes``, ``coefficients_axes`` (what ``raw`` and
 ``coefficients`` hold), ``layers`` and ``augmentations``
-(:meth:`liftcam_jax.smoothing.Smoothing.layout`), and
+(:meth:`liftcam_jax.smoothing.Smoothing.layout`), for
+token activations and methods that report it ``prefix_coefficients`` ``(K,)``
+(:class:`liftcam_jax.explanation.Explanation`), and
 for labelled inputs (TFDS ``ClassLabel``) the dataset's ``label`` and ``label_name``;
 the ``.png`` is the map over the image the model saw (the resized input; for
 ``.npy`` inputs the input de-normalised). ``manifest.jsonl`` has one JSON line
@@ -271,6 +273,8 @@ def _identity(classifier, cfg: RunConfig, method: _methods.Method, target) -> di
         "options": {k: repr(v) for k, v in sorted((cfg.options or {}).items())},
         "input_size": int(classifier.preprocess.size),
     }
+    if classifier.split.tokens is not None:  # --tokens: an explicit token layout
+        identity["tokens"] = str(classifier.split.tokens)
     if target == "label":
         lm = cfg.data.label_map
         identity["label_map"] = lm if lm is None or isinstance(lm, str) else repr(lm)
@@ -387,6 +391,8 @@ class _Writer:
                 predicted=np.int64(np.argmax(host.logits[i])),
                 reference_logits=None if host.reference_logits is None
                 else np.asarray(host.reference_logits[i], np.float32),
+                prefix_coefficients=None if host.prefix_coefficients is None
+                else np.asarray(host.prefix_coefficients[i], np.float32),
                 label=None if e.meta.label is None else np.int64(e.meta.label),
                 label_name=None if e.meta.label_name is None else np.str_(e.meta.label_name),
                 **self.layout,
