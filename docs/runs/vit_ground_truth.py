@@ -102,9 +102,50 @@ def run(model, layer, seeds, args, report):
                                          for c in COLUMNS), flush=True)
 
 
+LABELS = {"lift-cam": "LIFT-CAM", "deeplift-shap-cam": "DeepLIFT-SHAP-CAM", "grad-cam": "Grad-CAM",
+          "grad-cam++": "Grad-CAM++", "xgrad-cam": "XGrad-CAM", "shapley-cam": "ShapleyCAM", "score-cam": "Score-CAM"}
+
+
+def pool_results(args):
+    """Pool the results under ``--out`` (``*/<model>-<layer>-seed<s>/results.json``, each of the images its
+    last run evaluated) over seeds: ``vit-ground-truth.json`` and one markdown row per split
+    (cosine / Spearman / top-k)."""
+    import glob
+
+    pooled = {}
+    for path in sorted(glob.glob(os.path.join(args.out, "*", "*-seed*", "results.json"))):
+        key, seed = os.path.basename(os.path.dirname(path)).rsplit("-seed", 1)
+        with open(path) as f:
+            res = json.load(f)
+        p = pooled.setdefault(key, {"seeds": [], "rows": {m: {c: [] for c in COLUMNS} for m in LABELS},
+                                    "ceiling": []})
+        p["seeds"].append(int(seed))
+        for r in res["per_image"]:
+            if r["method"] not in LABELS:
+                continue
+            for c in COLUMNS:
+                v = (r.get("metrics") or {}).get(c)
+                p["rows"][r["method"]][c].append(np.nan if v is None else v)
+            if r["method"] == "lift-cam" and r.get("shap_cosine_ceiling") is not None:
+                p["ceiling"].append(r["shap_cosine_ceiling"])
+    out = {}
+    for key, p in pooled.items():
+        out[key] = {"seeds": sorted(p["seeds"]), "cosine_ceiling": float(np.mean(p["ceiling"])) if p["ceiling"] else None,
+                    "methods": {m: {c: mean_ci(p["rows"][m][c])._asdict() for c in COLUMNS} for m in LABELS}}
+        cells = []
+        for m in LABELS:
+            s = out[key]["methods"][m]
+            blank = s["shap_cosine"]["n"] == 0  # all-zero coefficients: no ranking either
+            cells.append(" / ".join("—" if blank or s[c]["n"] == 0 else f"{s[c]['mean']:.2f}" for c in COLUMNS))
+        n = out[key]["methods"]["lift-cam"]["shap_cosine"]["n"]
+        print(f"| `{key}` | {n} | " + " | ".join(cells) + " |")
+    with open(os.path.join(args.out, "vit-ground-truth.json"), "w") as f:
+        json.dump(out, f, indent=1)
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("which", choices=["small", "tiny"])
+    ap.add_argument("which", choices=["small", "tiny", "report"])
     ap.add_argument("--data", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--limit", type=int, default=16)
@@ -118,6 +159,8 @@ def main():
     args = ap.parse_args()
     report = []
     t0 = time.perf_counter()
+    if args.which == "report":
+        return pool_results(args)
     if args.which == "small":
         args.shap_method, args.delta = "exact", True
         for name, (width, depth, layers) in SMALL.items():
