@@ -375,8 +375,8 @@ def _while_refusal(eqn, ins, dep_idx, error, rule):
 def _stop_gradient_refusal(eqn, ins, dep_idx, error, rule):
     raise error(
         f"no {rule} rule for primitive 'stop_gradient' of an input-dependent value other than a "
-        "max-shift (a stop_gradient of a maximum, as softmax and logsumexp subtract); a stopped "
-        "value the output depends on has no difference to attribute"
+        "max-shift (a stop_gradient of a maximum, as softmax and logsumexp subtract): it would hide "
+        "its value's difference from every rule"
     )
 
 

@@ -77,7 +77,19 @@ points (no overflow).
 **LayerNorm and RMSNorm** need no rule of their own: the mean is linear, the
 variance a square (one input) and a sum, ``rsqrt`` an elementwise function of
 one value, and :math:`(x - \mu) \cdot \mathrm{rsqrt}(\sigma^2 + \epsilon)` a
-product of two input-dependent values (the bilinear rule). **GELU, SiLU** and
+product of two input-dependent values (the bilinear rule). *Conditioning:*
+where a LayerNorm's input is constant at the reference (zero tokens, the
+default reference), its variance there is 0 and
+:math:`b' = \mathrm{rsqrt}(\epsilon) = 10^3` for :math:`\epsilon = 10^{-6}`
+while :math:`a' = 0`: the two Shapley terms are
+:math:`\tfrac12 a (b + b')` and :math:`\tfrac12 a (b - b')`, each about
+:math:`1/(2\sqrt\epsilon)` times the result, and cancel. The sum stays exact
+in exact arithmetic, but each such LayerNorm multiplies the rounding error by
+about :math:`1/(2\sqrt\epsilon)`: one costs float32 about three digits (a
+pre-norm block with real biases keeps summation-to-delta within
+:math:`10^{-3}`); several in series, all at a zero-variance reference (freshly
+initialised zero biases), lose float32 entirely, and float64 keeps about 9
+digits. Explain in float64 there, or take a reference that is not constant. **GELU, SiLU** and
 any elementwise function of one value however it is written are one secant as a
 whole (elementwise regions, :func:`liftcam_jax.interpreter.plan`;
 :func:`secant` here).
