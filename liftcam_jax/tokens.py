@@ -21,34 +21,55 @@ is required (a one-line :class:`~liftcam_jax.errors.UsageError` says so).
 **Two ways a method sees tokens** (a method's ``tokens`` attribute in the
 registry, :func:`liftcam_jax.methods.register`):
 
-* ``"grid"`` (the gradient family, Eigen-CAM): the method sees the grid
-  activations ``(B, h, w, D)`` and a head with the prefix tokens held at their
-  values, :func:`grid_view`. Its gradients are the grid tokens' gradients of
-  the model's head, so the method is exactly pytorch-grad-cam's with its
-  ``reshape_transform`` (which drops the prefix tokens from the activations and
-  the gradients and reshapes them to the grid before the method's formula).
-* ``"all"`` (LIFT-CAM, DeepLIFT-SHAP-CAM, LRP-CAM, LIME-CAM, Ablation-CAM,
-  Score-CAM, CAM): the method sees the ``(B, N, D)`` tokens and the model's
-  own head, and ``split.tokens`` is the resolved layout. A channel is a
-  channel of every token: the coefficients sum over all tokens
-  (:func:`position_axes`), so summation-to-delta holds over all tokens; the
-  prefix tokens' share of the coefficients is reported
-  (:func:`prefix_share`, ``Explanation.prefix_coefficients``).
+* ``"grid"`` (default): the method sees the grid activations ``(B, h, w, D)``
+  and a head with the prefix tokens held at their values, :func:`grid_view`.
+  Its gradients are the grid tokens' gradients of the model's head, so the
+  method is exactly pytorch-grad-cam's with its ``reshape_transform`` (which
+  drops the prefix tokens from the activations and the gradients and reshapes
+  them to the grid before the method's formula).
+* ``"all"``: the method sees the ``(B, N, D)`` tokens and the model's own head,
+  and ``split.tokens`` is the resolved layout.
 
-In both, the one map assembly (:func:`liftcam_jax.explanation.from_attribution`)
-draws :math:`\mathrm{ReLU}(\sum_k \phi_k A^k_{\mathrm{grid}})` on the grid
-tokens only.
+Method by method, and why:
+
+* Grad-CAM, Grad-CAM++, XGrad-CAM, LayerCAM, HiResCAM (``"grid"``): as
+  pytorch-grad-cam with ``reshape_transform`` (``tests/parity``). The prefix
+  tokens have no place on the map, and their gradients do not enter the
+  formulas (Grad-CAM's weights average the grid tokens' gradients).
+* Eigen-CAM (``"grid"``): the principal direction of the grid tokens, as
+  pytorch-grad-cam with ``reshape_transform``.
+* CAM (``"all"``): the head must pool the grid tokens and be linear
+  (:func:`liftcam_jax.methods.cams.check_cam_head` reads its gradient on the
+  grid tokens); a head that reads only the class token has no class weights
+  and is refused in one line.
+* LIFT-CAM, DeepLIFT-SHAP-CAM, LRP-CAM (``"all"``): a channel is a channel of
+  every token and the reference is taken on every token, so the coefficients
+  sum over all tokens (:func:`position_axes`) and summation-to-delta
+  (conservation for LRP) holds over all tokens; the prefix tokens' share is
+  reported (:func:`prefix_share`, ``Explanation.prefix_coefficients``), not
+  dropped.
+* LIME-CAM (``"all"``): a removed channel is zero on every token, the channel
+  game of :mod:`liftcam_jax.shap` (the SHAP values LIFT-CAM estimates).
+* Ablation-CAM (``"all"``): a channel is ablated on every token, as
+  pytorch-grad-cam's ``AblationLayerVit``: removing a channel from the head's
+  input means removing it wherever it is carried.
+* Score-CAM (``"all"``): the masks are the grid tokens' maps (a prefix token
+  has no position in the image to mask); the whole model scores the masked
+  inputs.
+
+In every case the one map assembly
+(:func:`liftcam_jax.explanation.from_attribution`) draws
+:math:`\mathrm{ReLU}(\sum_k \phi_k A^k_{\mathrm{grid}})` on the grid tokens only.
 """
 from __future__ import annotations
 
 import re
-from typing import Any, NamedTuple, Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import jax.numpy as jnp
 
 from .errors import UsageError
 
-Array = Any
 
 __all__ = ["MAX_PREFIX", "TokenLayout", "grid_view", "infer_layout", "method_inputs", "parse_layout",
            "position_axes", "prefix_share", "resolve", "to_grid"]

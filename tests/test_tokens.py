@@ -22,7 +22,6 @@ import pytest
 import liftcam_jax as lj
 from liftcam_jax import tokens as T
 from liftcam_jax.errors import UsageError
-from liftcam_jax.methods.cams import grad_cam
 from liftcam_jax.methods.perturbation import score_cam
 from liftcam_jax.model import Classifier, Preprocess
 
@@ -189,8 +188,10 @@ def test_lift_cam_on_an_affine_head_is_gradient_times_input_token_by_token():
     g = jax.grad(lambda z: jnp.sum(split.head(v, z)[jnp.arange(2), e.targets]))(a)
     np.testing.assert_allclose(e.coefficients, jnp.sum(g * a, axis=1), rtol=1e-10, atol=1e-13)
     np.testing.assert_allclose(e.prefix_coefficients, g[:, 0] * a[:, 0], rtol=1e-10, atol=1e-13)
-    lrp = lj.explain(split, v, x, e.targets, method="lrp-cam")  # affine: LRP-CAM = LIFT-CAM up to the bias share
-    assert lrp.prefix_coefficients.shape == (2, D)
+    lrp = lj.explain(split, v, x, e.targets, method="lrp-cam")
+    r = lj.lrp.lrp(lambda z: split.head(v, z), a, e.targets).attributions  # (B, N, D) relevance per token
+    np.testing.assert_allclose(lrp.coefficients, jnp.sum(r, axis=1), rtol=1e-10, atol=1e-13)
+    np.testing.assert_allclose(lrp.prefix_coefficients, r[:, 0], rtol=1e-10, atol=1e-13)
 
 
 def _hand_reshape_transform(split, v, x, targets, prefix=1, grid=(4, 4)):
