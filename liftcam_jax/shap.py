@@ -7,7 +7,11 @@ target class ``c``,
 
 .. math::  v(S) = \mathrm{head}(A \odot \mathbb 1_S)_c ,
 
-the head's target logit when the channels outside ``S`` are set to zero. The
+the head's target logit when the channels outside ``S`` are set to zero. ``A`` may
+be maps ``(B, h, w, K)`` or tokens ``(B, N, K)`` (a ViT's, :mod:`liftcam_jax.tokens`),
+or any ``(B, ..., K)``: a channel is the last axis, and it is zeroed at every
+position, so for tokens a channel is one feature dimension across all tokens
+(prefix tokens included, as LIFT-CAM's coefficients sum over them). The
 Shapley value of channel ``k`` (Shapley, 1953) is
 
 .. math::
@@ -117,7 +121,7 @@ def coalition_values(head: Callable, params, activations: Array, targets: Array,
 
     Args:
       head: ``head(params, A) -> (B, C)`` logits (any output, with a score function).
-      activations: ``A``, ``(B, h, w, K)``.
+      activations: ``A``, ``(B, ..., K)``: maps ``(B, h, w, K)`` or tokens ``(B, N, K)``.
       targets: ``(B,)`` class per image (or one int), or a score function
         ``fn(out) -> (B,)`` (:mod:`liftcam_jax.targets`).
       masks: ``(N, K)`` coalitions, 1 = channel kept, 0 = channel set to zero
@@ -343,7 +347,8 @@ def shap_values(head: Callable, params, activations: Array, targets: Array, *, m
 
     Args:
       head: ``head(params, A) -> (B, C)``.
-      activations: ``(B, h, w, K)``.
+      activations: ``(B, ..., K)``: maps ``(B, h, w, K)`` or tokens ``(B, N, K)``
+        (the channel game zeroes a channel at every position or token).
       targets: ``(B,)`` class per image, or one int.
       method: ``"exact"`` (enumeration, ``K <= 16``, ``num_samples`` and ``key``
         ignored, standard errors 0), ``"permutation"`` (``num_samples``
