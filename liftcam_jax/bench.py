@@ -36,8 +36,9 @@ jit-compiled forward pass ``split(params, x)``, on random normal inputs
   allocator (a process's RSS delta does: freed pages stay resident and are
   reused, so per-call RSS deltas measured here varied from 0 to 2x between
   identical calls). On CPU, XLA hands chains of convolutions to YNNPACK as
-  opaque fusions whose scratch memory it does not account for; such programs
-  are measured recompiled without YNNPACK fusion (see :func:`program_memory`).
+  opaque fusions whose scratch memory it does not account for; on CPU, programs
+  are measured compiled without YNNPACK fusion, one extra compilation each
+  (see :func:`program_memory`).
   The process's peak RSS (``getrusage``) is reported once for the whole run.
   Where the device keeps allocator statistics (GPU, TPU),
   ``device_peak_bytes`` is also reported: ``memory_stats()['peak_bytes_in_use']``
@@ -192,17 +193,28 @@ def program_memory(jitted, *args) -> Dict[str, Any]:
     ``total = temp + argument + output - alias``. On CPU, XLA hands chains of
     convolutions to YNNPACK as one fusion whose intermediate buffers XLA's
     buffer assignment does not see (a VGG-16 forward pass reports ~0 temp
-    bytes); when the program has such a fusion, the memory is read from the
-    same program compiled with YNNPACK fusion off
-    (``xla_cpu_experimental_ynn_fusion_type=""``), whose buffer assignment
-    holds every intermediate. ``source`` says which.
+    bytes); so on CPU the memory is read from the program compiled with
+    YNNPACK fusion off (``xla_cpu_experimental_ynn_fusion_type=""``), whose
+    buffer assignment holds every intermediate. A program without such a
+    fusion is the same program either way. ``source`` says which was read.
+
+    One compilation: ``jitted.lower(*args).compile()`` does not reuse the
+    executable that calling ``jitted`` compiled (it compiles again), so the
+    default program is compiled here only where the YNNPACK switch does not
+    apply (another platform, or an XLA without that option).
     """
     lowered = jitted.lower(*args)
-    compiled = lowered.compile()  # the program the calls use (from JAX's in-memory cache)
-    source = "memory_analysis"
-    if "__ynn_fusion" in compiled.as_text():
-        compiled = lowered.compile(compiler_options=_NO_YNN)
-        source = "memory_analysis, recompiled without YNNPACK fusion"
+    compiled = None
+    if jax.devices()[0].platform == "cpu":
+        try:
+            compiled = lowered.compile(compiler_options=_NO_YNN)
+            source = "memory_analysis, compiled without YNNPACK fusion"
+        except RuntimeError as e:  # an XLA without the option: its CPU programs have no YNNPACK fusion either
+            if "No such compile option" not in str(e):
+                raise
+    if compiled is None:
+        compiled = lowered.compile()
+        source = "memory_analysis"
     m = compiled.memory_analysis()
     if m is None:
         return {"source": "unavailable"}

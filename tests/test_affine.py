@@ -26,14 +26,25 @@ class _BnHead(nn.Module):
         return nn.Dense(5)(jnp.mean(h, axis=(1, 2)))
 
 
+_SETUPS = {}
+
+
 def _setup(module, k=7, b=2, seed=0):
-    a = jax.nn.relu(jax.random.normal(jax.random.PRNGKey(seed), (b, 5, 5, k)))
-    p = module.init(jax.random.PRNGKey(seed + 1), a)
-    # non-trivial batch statistics
-    leaves, tree = jax.tree_util.tree_flatten(p)
-    keys = jax.random.split(jax.random.PRNGKey(seed + 2), len(leaves))
-    leaves = [jnp.abs(l) + 0.5 * jax.random.uniform(kk, l.shape) for l, kk in zip(leaves, keys)]
-    p = jax.tree_util.tree_unflatten(tree, leaves)
+    # built once per module and shape, in one compiled program (eagerly, the init and the
+    # randomisation below compile ~80 one-op programs); the tests never change p or a
+    key = (type(module).__name__, k, b, seed)
+    if key not in _SETUPS:
+        def make():
+            a = jax.nn.relu(jax.random.normal(jax.random.PRNGKey(seed), (b, 5, 5, k)))
+            p = module.init(jax.random.PRNGKey(seed + 1), a)
+            # non-trivial batch statistics
+            leaves, tree = jax.tree_util.tree_flatten(p)
+            keys = jax.random.split(jax.random.PRNGKey(seed + 2), len(leaves))
+            leaves = [jnp.abs(l) + 0.5 * jax.random.uniform(kk, l.shape) for l, kk in zip(leaves, keys)]
+            return jax.tree_util.tree_unflatten(tree, leaves), a
+
+        _SETUPS[key] = jax.jit(make)()
+    p, a = _SETUPS[key]
     return (lambda params, z: module.apply(params, z)), p, a
 
 

@@ -59,10 +59,16 @@ class SmoothHead(nn.Module):
 
 def make(head, features=None, size=16, batch=3, seed=0):
     f = features or Features()
-    x = jax.random.normal(jax.random.PRNGKey(seed), (batch, size, size, 3))
-    pf = f.init(jax.random.PRNGKey(seed + 1), x)
-    ph = head.init(jax.random.PRNGKey(seed + 2), f.apply(pf, x))
-    ph = jax.tree_util.tree_map(lambda w: w + 0.1, ph)  # non-zero biases
+
+    @jax.jit  # one program (eagerly, each initialiser op compiles a program of its own)
+    def init():
+        x = jax.random.normal(jax.random.PRNGKey(seed), (batch, size, size, 3))
+        pf = f.init(jax.random.PRNGKey(seed + 1), x)
+        ph = head.init(jax.random.PRNGKey(seed + 2), f.apply(pf, x))
+        ph = jax.tree_util.tree_map(lambda w: w + 0.1, ph)  # non-zero biases
+        return x, pf, ph
+
+    x, pf, ph = init()
     split = lj.Split(lambda p, x: f.apply(p["f"], x), lambda p, a: head.apply(p["h"], a))
     return split, {"f": pf, "h": ph}, x
 
@@ -225,13 +231,14 @@ def test_exact_diagonals_match_brute_force_on_a_smooth_head():
     targets = jnp.array([1, 3])
     a = split.features(params, x)  # (2, 4, 4, 6): 96 positions
     h2, h3 = cams.grad_cam_pp_diagonals(split.head, params, a, targets, chunk_size=40)
+    y = lambda z, t: split.head(params, z.reshape((1,) + a.shape[1:]))[0, t]  # noqa: E731
+    # compiled once for both images (eagerly, the nested derivatives compile hundreds of one-op programs)
+    hessian, third_derivative = jax.jit(jax.hessian(y)), jax.jit(jax.jacfwd(jax.hessian(y)))
     for b in range(2):
-        ab = a[b : b + 1]
-        flat = ab.reshape(-1)
-        y = lambda z: split.head(params, z.reshape(ab.shape))[0, targets[b]]
-        hess = jax.hessian(y)(flat)
+        flat = a[b].reshape(-1)
+        hess = hessian(flat, targets[b])
         np.testing.assert_allclose(h2[b].reshape(-1), np.diag(hess), rtol=1e-4, atol=1e-6)
-        third = jax.jacfwd(jax.hessian(y))(flat)
+        third = third_derivative(flat, targets[b])
         n = flat.size
         np.testing.assert_allclose(h3[b].reshape(-1), np.asarray(third)[np.arange(n), np.arange(n), np.arange(n)],
                                    rtol=1e-3, atol=1e-6)

@@ -20,6 +20,7 @@ import liftcam_jax as lj
 import models
 
 
+@jax.jit  # one program per model (eagerly, every op on every distinct leaf shape compiles its own)
 def _randomise(params, seed):
     """Random biases, BN scales, shifts and running statistics (variances positive)."""
     flat = jax.tree_util.tree_flatten_with_path(params)[0]
