@@ -44,10 +44,6 @@ class Explanation(NamedTuple):
       logits: ``(B, C)`` the model's logits (the head's output, any pytree).
       targets: ``(B,)`` the explained class per image (``-1`` for a target
         function, :mod:`liftcam_jax.targets`).
-
-    With ``T`` targets per image (``(B, T)`` targets, ``top_k``, a function
-    giving ``(B, T)``), ``maps``, ``raw``, ``coefficients`` and ``targets`` are
-    ``(B, T, H, W)``, ``(B, T, h, w)``, ``(B, T, K)`` and ``(B, T)``.
       reference_logits: ``(B, C)`` the head's logits at the reference
         activations (LIFT-CAM: ``y(0)``), or ``None`` for methods without one.
       prefix_coefficients: for token activations, ``(B, K)`` the prefix
@@ -56,6 +52,11 @@ class Explanation(NamedTuple):
         prefix_coefficients`` is the grid tokens' part; summation-to-delta holds
         for ``coefficients``, over all tokens. ``None`` for ``(B, h, w, K)``
         maps and for methods without such a split (:mod:`liftcam_jax.tokens`).
+
+    With ``T`` targets per image (``(B, T)`` targets, ``top_k``, a function
+    giving ``(B, T)``), ``maps``, ``raw``, ``coefficients``, ``targets`` and
+    ``prefix_coefficients`` are ``(B, T, H, W)``, ``(B, T, h, w)``,
+    ``(B, T, K)``, ``(B, T)`` and ``(B, T, K)``.
     """
 
     maps: Array

@@ -463,6 +463,36 @@ def _reaches_max(v, producer, dep, depth=0) -> bool:
     return bool(deps) and all(_reaches_max(u, producer, dep, depth + 1) for u in deps)
 
 
+def _softmax_shift(e, dep, producer, readers, made) -> bool:
+    """Whether ``e`` is ``sub(x, m)`` of a softmax: ``m`` input-dependent and computed from a
+    ``reduce_max`` (:func:`_reaches_max`), ``x - m`` read only by an ``exp`` whose value is read only by
+    a ``reduce_sum`` and a ``div`` of it by that sum (moved by structural steps). Softmax does not
+    depend on ``m`` (``jax.nn.softmax``'s own body from JAX 0.11 on, which has no ``stop_gradient``)."""
+    if e.primitive.name != "sub" or len(e.invars) != 2:
+        return False
+    m = e.invars[1]
+    if not (_is_var(m) and m in dep and _reaches_max(m, producer, dep)):
+        return False
+    ex = readers.get(e.outvars[0], [])
+    if len(ex) != 1 or ex[0].primitive.name != "exp":
+        return False
+    w = ex[0].outvars[0]
+    after = readers.get(w, [])
+    sums = [r for r in after if r.primitive.name == "reduce_sum"]
+    divs = [r for r in after if r.primitive.name == "div" and r.invars[0] is w]
+    if len(sums) != 1 or len(divs) != 1 or len(after) != 2:
+        return False
+    total, d = sums[0].outvars[0], divs[0].invars[1]
+    for _ in range(8):  # the denominator: the sum, moved by structural steps (broadcast, reshape)
+        if d is total:
+            return True
+        p = made.get(d)
+        if p is None or not P.facts(p.primitive.name).structural or not p.invars or not _is_var(p.invars[0]):
+            return False
+        d = p.invars[0]
+    return False
+
+
 class Region(NamedTuple):
     """An elementwise region: its equations (in order) and the ``closed_call`` equation that runs them."""
 
@@ -507,7 +537,12 @@ def plan(eqns, outvars, dep_vars, user=()) -> list:
       separately at the input and at the reference would change the
       attributions: the difference of ``x - m`` would carry ``m - m_ref``,
       which the ``stop_gradient`` hides from every rule. Any other
-      ``stop_gradient`` of an input-dependent value is refused.
+      ``stop_gradient`` of an input-dependent value is refused. From JAX 0.11
+      on ``jax.nn.softmax`` is a ``custom_jvp`` whose body subtracts the max
+      without a ``stop_gradient``; there ``sub(x, m)`` (``what`` =
+      ``"shift_sub"``), ``m`` computed from a ``reduce_max``, read only by an
+      ``exp`` whose value is divided by its own sum, is the same shift
+      (softmax does not depend on ``m``): :func:`_softmax_shift`.
     * **Elementwise regions.** ``jax.nn.gelu`` is traced into ``mul``,
       ``tanh``, ``add`` and ``integer_pow`` of one value ``x``; ``silu`` into
       ``x * logistic(x)``; ``leaky_relu`` into ``select_n(x >= 0, ...)``. A
@@ -528,7 +563,13 @@ def plan(eqns, outvars, dep_vars, user=()) -> list:
     reader of its outputs comes after its first member).
     """
     dep, touched = set(dep_vars), set(dep_vars)
-    producer, root, group, fuse, shifts = {}, {}, {}, set(), set()
+    producer, root, group, fuse, shifts, shift_subs = {}, {}, {}, set(), set(), set()
+    readers, made = {}, {}  # every equation reading / making each variable (later ones too)
+    for e in eqns:
+        made.update((v, e) for v in e.outvars)
+        for v in e.invars:
+            if _is_var(v):
+                readers.setdefault(v, []).append(e)
     for n, e in enumerate(eqns):
         for v in e.outvars:
             producer[v] = e
@@ -542,6 +583,9 @@ def plan(eqns, outvars, dep_vars, user=()) -> list:
             shifts.add(n)
             continue
         dep.update(e.outvars)
+        if _softmax_shift(e, dep, producer, readers, made):
+            shift_subs.add(n)
+            continue
         if _positionwise(e, dvars, user):
             roots = {root.get(v, v) for v in dvars}
             if len(roots) == 1:
@@ -571,6 +615,8 @@ def plan(eqns, outvars, dep_vars, user=()) -> list:
             continue
         elif n in shifts:
             items.append(("shift", e))
+        elif n in shift_subs:
+            items.append(("shift_sub", e))
         elif any(v in touched for v in e.outvars):
             items.append(("eqn", e))
         else:
@@ -621,8 +667,13 @@ def _is_exp_sum(v, producer, of=None) -> bool:
 
 def _is_log_sum_exp(v, producer) -> bool:
     """Whether ``v`` is (moved) ``log(sum(exp(z)))``, or that plus a shift, or of ``abs`` of the sum
-    (``jax.nn.logsumexp``)."""
-    _, e = _back(v, producer)
+    (``jax.nn.logsumexp``), also as the output of a call that computes it (a ``custom_jvp`` from JAX 0.11 on)."""
+    v, e = _back(v, producer)
+    if e is not None and P.facts(e.primitive.name).kind in ("call", "custom_jvp"):  # JAX 0.11+: a custom_jvp
+        sub = sub_jaxpr(e)
+        if sub is None or len(sub[0].outvars) != len(e.outvars) or not _is_var(sub[0].outvars[list(e.outvars).index(v)]):
+            return False
+        return _is_log_sum_exp(sub[0].outvars[list(e.outvars).index(v)], _producer_map(sub[0]))
     if e is not None and e.primitive.name == "add":
         return any(_is_var(u) and _is_log_sum_exp(u, producer) for u in e.invars)
     if e is None or e.primitive.name != "log" or not _is_var(e.invars[0]):
@@ -872,6 +923,9 @@ def forward(jaxpr, consts, args, dep_pos, ctx) -> Trace:
         eqn = item.eqn if what == "region" else item
         ins = [read(v) for v in eqn.invars]
         dep_idx = [i for i, v in enumerate(eqn.invars) if is_dep(v)]
+        if what == "shift_sub":  # softmax's own max-shift (no stop_gradient): one value, then a plain sub
+            ins[1] = table.shift(ins[1])
+            dep_idx, what = [i for i in dep_idx if i != 1], "eqn"
         if not dep_idx:
             outs = bind(eqn, ins)
         elif what == "shift":

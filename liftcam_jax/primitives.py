@@ -145,7 +145,8 @@ TABLE = {
     **_rows("gt ge lt le eq ne and or not is_finite", kind="comparison", positionwise=True),
     **_rows("argmax argmin", kind="comparison", reduces="axes"),
     # -- calls ----------------------------------------------------------------
-    **_rows("jit pjit closed_call core_call", kind="call", inline=True),
+    # closed_call is named eval_jaxpr from JAX 0.11 on (the interpreter's elementwise regions are closed calls)
+    **_rows("jit pjit closed_call eval_jaxpr core_call", kind="call", inline=True),
     **_rows("remat remat2 checkpoint custom_vjp_call custom_vjp_call_jaxpr custom_lin", kind="call"),
     "custom_jvp_call": Facts("custom_jvp"),
     # -- refused by the interpreter when input-dependent (softmax's max-shift) --
@@ -212,7 +213,7 @@ def label(eqn) -> str:
     """The name of ``eqn``'s operation: its primitive, :func:`custom_label` of a ``custom_jvp``,
     or :func:`region_label` of an elementwise region (a ``closed_call`` the interpreter made)."""
     name = eqn.primitive.name
-    if name == "closed_call":
+    if name == jcore.primitives.closed_call_p.name:
         sub = sub_jaxpr(eqn)
         return name if sub is None or not sub[0].invars else region_label(sub[0])
     if facts(name).kind != "custom_jvp":
