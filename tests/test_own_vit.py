@@ -37,14 +37,6 @@ KEY = jax.random.PRNGKey(0)
 B, SIZE, PATCH, WIDTH = 2, 32, 8, 16
 
 
-@pytest.fixture
-def x64():
-    previous = jax.config.jax_enable_x64
-    jax.config.update("jax_enable_x64", True)
-    yield
-    jax.config.update("jax_enable_x64", previous)
-
-
 def _noisy(tree, dtype, seed=0, scale=0.3):
     """Every float leaf plus N(0, scale^2) noise (non-zero biases: a reference that is not a fixed point), cast."""
     rng = np.random.default_rng(seed)

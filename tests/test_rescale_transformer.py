@@ -18,14 +18,6 @@ from liftcam_jax.lrp import NoRelevanceRule
 from liftcam_jax.rescale import NoRescaleRule, deeplift, linearize
 
 
-@pytest.fixture
-def x64():
-    previous = jax.config.jax_enable_x64
-    jax.config.update("jax_enable_x64", True)
-    yield
-    jax.config.update("jax_enable_x64", previous)
-
-
 def _normal(seed, shape, dtype=jnp.float64):
     return jax.random.normal(jax.random.PRNGKey(seed), shape, dtype)
 

@@ -30,14 +30,6 @@ TINY = {  # 32x32 inputs, 8-pixel patches: a 4x4 grid; width 16 in 2 heads; 2 bl
 CLASSES = 10
 
 
-@pytest.fixture
-def x64():
-    previous = jax.config.jax_enable_x64
-    jax.config.update("jax_enable_x64", True)
-    yield
-    jax.config.update("jax_enable_x64", previous)
-
-
 def tiny(name, seed=1):
     """A small ViT and random variables with non-trivial biases and LayerNorm scales."""
     m = vision_transformer(name, TINY[name], CLASSES)

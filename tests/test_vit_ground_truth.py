@@ -23,14 +23,6 @@ from models.vit import ViTConfig, vision_transformer
 from models.zoo import random_params
 
 
-@pytest.fixture
-def x64():
-    previous = jax.config.jax_enable_x64
-    jax.config.update("jax_enable_x64", True)
-    yield
-    jax.config.update("jax_enable_x64", previous)
-
-
 def _vit(width, seed=0):
     """A 16x16-input ViT (4 patch tokens + the class token), 2 blocks of 2 heads, 10 classes, float64
     variables with non-zero biases and LayerNorm scales."""
