@@ -251,7 +251,7 @@ def permutation_shapley(head: Callable, params, activations: Array, targets: Arr
     a = activations
     b, k = a.shape[0], a.shape[-1]
     score = _score(targets)
-    classes = _target_lib.class_indices(score)  # image by image needs a score that can be cut per image
+    cut = _target_lib.per_image(score)  # image by image needs a score that can be cut per image
     pairs = p // 2
     perms = jax.vmap(lambda kk: jax.random.permutation(kk, k))(jax.random.split(key, pairs))
     perms = jnp.concatenate([perms, perms[:, ::-1]])  # (P, K): forward then reversed
@@ -261,11 +261,10 @@ def permutation_shapley(head: Callable, params, activations: Array, targets: Arr
     if split is not None and split.saves and need <= AFFINE_BYTES:
         v = _prefix_values(split, params, a, score, perms, chunk_size)
     elif (split is not None and split.saves and b > 1 and need // b <= AFFINE_BYTES
-          and classes is not None):  # one image at a time
+          and cut is not None):  # one image at a time
         one = _affine.affine_front(head, params, jax.ShapeDtypeStruct((1,) + a.shape[1:], a.dtype))
-        t = jnp.broadcast_to(classes, (b,))
-        v = jax.lax.map(lambda at: _prefix_values(one, params, at[0][None], _target_lib.class_logit(at[1][None]),
-                                                  perms, chunk_size)[..., 0], (a, t))  # (B, P, K-1)
+        v = jax.lax.map(lambda ai: _prefix_values(one, params, ai[0][None], cut(ai[1]), perms, chunk_size)[..., 0],
+                        (a, jnp.arange(b)))  # (B, P, K-1)
         v = jnp.moveaxis(v, 0, -1)
     else:
         sizes = jnp.arange(1, k)

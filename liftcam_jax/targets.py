@@ -44,7 +44,7 @@ from .errors import UsageError, positive_int
 Array = Any
 
 __all__ = ["SCORES", "Target", "as_score", "check_targets", "class_indices", "class_logit", "class_score",
-           "cosine_similarity", "logit_difference", "resolve", "rest", "score_cotangent", "score_multipliers",
+           "cosine_similarity", "logit_difference", "per_image", "resolve", "rest", "score_cotangent", "score_multipliers",
            "segmentation"]
 
 
@@ -165,6 +165,23 @@ def class_indices(score) -> Optional[Array]:
     if isinstance(score, Partial) and score.func is _class_logit:
         return score.args[0]
     return None
+
+
+_OF_CLASSES = (_class_logit, _rest)  # the scores of SCORES: f(classes, out)
+
+
+def per_image(score) -> Optional[Callable]:
+    """``cut(i) -> score of image i alone`` for a named class score (:data:`SCORES`), else ``None``.
+
+    A score of one class per image, :func:`class_logit` or :func:`rest` of ``(B,)`` classes
+    (or one int), explains image ``b`` by the same function of class ``c_b``: what an
+    image-by-image computation (:func:`liftcam_jax.shap.permutation_shapley`) needs."""
+    if not (isinstance(score, Partial) and score.func in _OF_CLASSES and not score.keywords):
+        return None
+    c = score.args[0]
+    if c.ndim > 1:
+        return None
+    return lambda i: Partial(score.func, c if c.ndim == 0 else c[i][None])
 
 
 def as_score(targets) -> Callable:

@@ -155,9 +155,14 @@ def test_fast_permutation_shapley_equals_the_plain_estimator(chunk):
     assert np.mean(z <= 4.0) >= 0.9
 
 
-def test_memory_budget_goes_image_by_image_then_to_the_plain_path(monkeypatch):
+@pytest.mark.parametrize("score", ["logit", "rest"])
+def test_memory_budget_goes_image_by_image_then_to_the_plain_path(monkeypatch, score):
+    """The three paths agree, for the class logit and for ReST (2 y_c - LSE(y)): image by image, each
+    image's game is its own class's score (a wrong cut would give another image's class, or the logit)."""
+    from liftcam_jax import targets
+
     head, p, a = _setup(_BnHead())
-    t = jnp.array([1, 4])
+    t = targets.SCORES[score](jnp.array([1, 4]))
     run = lambda aff: jax.jit(lambda p, a: shap.permutation_shapley(  # noqa: E731
         head, p, a, t, jax.random.PRNGKey(5), num_permutations=8, affine=aff))(p, a)
     plain = run(False)

@@ -458,3 +458,41 @@ def test_one_image_gives_no_verdict():
     assert one.paired()["grad-cam"]["ad"]["n"] == 1
     assert ev.replication_table({"x": one}).splitlines()[4] == "| grad-cam | n/a |"
     assert one.paired_table().splitlines()[2] == "| grad-cam | +10.00 (1 image, no interval) |"
+
+
+def test_rest_score_is_explained_and_is_the_shap_game(data, capsys, tmp_path):
+    """``--score rest``: every method explains ReST (2 y_c - LSE(y)) of the label, and the SHAP
+    values the shap metric compares with are those of the ReST game, not of the logit's."""
+    from liftcam_jax import shap, targets
+
+    out = tmp_path / "rest"
+    rc, err = cli(["--data", data, "--model", "tiny", "--methods", "lift-cam,shapley-cam", "--metrics", "shap,ad",
+                   "--out", out, "--batch-size", "4", "--shap-samples", "4", "--score", "rest", "--quiet"], capsys)
+    assert rc == 0, err
+    clf = fake_zoo.load("tiny")
+    x = jnp.asarray(np.stack([clf.preprocess(decode_image(str(data / "imgs" / f"im{i}.png"))) for i in range(4)]))
+    t = jnp.asarray(LABELS, jnp.int32)
+    a = clf.split.features(clf.params, x)
+    import jax
+
+    game = {s: shap.shap_values(clf.split.head, clf.params, a, targets.SCORES[s](t), method="permutation",
+                                num_samples=4, key=jax.random.PRNGKey(0)).values for s in ("rest", "logit")}
+    recs = {(r["item"], r["method"]): r for r in map(json.loads, log_lines(out)) if r.get("status") == "done"}
+    for m in ("lift-cam", "shapley-cam"):
+        exp = explain(clf.split, clf.params, x, t, method=m, score="rest")
+        logit_exp = explain(clf.split, clf.params, x, t, method=m)
+        got = np.array([recs[(f"imgs/im{i}.png", m)]["metrics"]["shap_cosine"] for i in range(4)])
+        np.testing.assert_allclose(got, metrics.cosine_similarity(exp.coefficients, game["rest"]), atol=1e-5)
+        wrong = {(e, g): np.asarray(metrics.cosine_similarity(c.coefficients, game[g]))
+                 for e, c in (("rest", exp), ("logit", logit_exp)) for g in ("rest", "logit")
+                 if (e, g) != ("rest", "rest")}
+        if m == "lift-cam":  # on this linear head LIFT-CAM is exact SHAP in either game: cosine 1 both
+            del wrong[("logit", "logit")]
+        for k, w in wrong.items():  # a method or a game of the wrong score would show
+            assert np.max(np.abs(got - w)) > 1e-3, (m, k, got, w)
+    # LIFT-CAM of ReST: summation-to-delta for the ReST value
+    exp = explain(clf.split, clf.params, x, t, method="lift-cam", score="rest")
+    rest = targets.rest(t)
+    gap = rest(clf.split.head(clf.params, a)) - rest(clf.split.head(clf.params, jnp.zeros_like(a)))
+    np.testing.assert_allclose(exp.coefficients.sum(-1), gap, rtol=1e-4, atol=1e-5)
+    assert json.loads((out / "results.json").read_text())["config"]["score"] == "rest"

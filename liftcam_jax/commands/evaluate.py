@@ -58,6 +58,9 @@ def add_arguments(parser):
     parser.add_argument("--batch-size", type=positive_int, default=8, help="images per step (default 8)")
     parser.add_argument("--target", choices=("label", "predicted"), default="label",
                         help="explain the ground-truth class (default) or the predicted one")
+    parser.add_argument("--score", default="logit",
+                        help="how that class is scored, by every method and by the SHAP game of --metrics shap: "
+                             "'logit' (default) or 'rest' (ShapleyCAM's ReST: the logit minus the cross-entropy)")
     parser.add_argument("--seed", type=int, default=0, help="PRNG seed for randomised methods and SHAP sampling")
     parser.add_argument("--redo", default="",
                         help="comma-separated methods to evaluate again even where the log has them "
@@ -97,7 +100,7 @@ def run(args, zoo) -> int:
     if args.step is not None and args.num_steps is not None:
         raise UsageError("give --step or --num-steps, not both")
     out = args.out or default_out(args.data, "-evaluate")
-    config = E.EvalConfig(target=args.target, seed=args.seed, step=args.step, num_steps=args.num_steps,
+    config = E.EvalConfig(target=args.target, score=args.score, seed=args.seed, step=args.step, num_steps=args.num_steps,
                           substrate=args.substrate, blur_sigma=args.blur_sigma, tie_break=args.tie_break,
                           tolerance=args.tolerance, shap_method=args.shap_method, shap_samples=args.shap_samples,
                           topk=args.topk, batch_size=args.batch_size, step_chunk=args.step_chunk,

@@ -163,7 +163,9 @@ class EvalConfig:
     """How images are explained and scored, and the run's other settings (:data:`RUN_FIELDS` are not part
     of the run's identity: they change speed, memory or what is run, never a score).
 
-    target: ``"label"`` or ``"predicted"``; seed: for randomised methods, SHAP
+    target: ``"label"`` or ``"predicted"``; score: how the target class is scored,
+    ``"logit"`` or ``"rest"`` (:data:`liftcam_jax.targets.SCORES`), by every method and by
+    the SHAP game the ``shap`` metric compares with; seed: for randomised methods, SHAP
     sampling and random tie-breaking; step / num_steps: deletion/insertion
     pixels per step or number of steps (default RISE's step); substrate:
     ``"zeros"`` or ``"mean"``; blur_sigma: insertion's start blur; tie_break:
@@ -177,6 +179,7 @@ class EvalConfig:
     """
 
     target: str = "label"
+    score: str = "logit"
     seed: int = 0
     step: Optional[int] = None
     num_steps: Optional[int] = None
@@ -207,6 +210,9 @@ class EvalConfig:
         """A one-line :class:`UsageError` for a bad combination (before any work)."""
         if self.target not in ("label", "predicted"):
             raise UsageError(f"target must be 'label' or 'predicted', not {self.target!r}")
+        from ..targets import class_score
+
+        class_score(self.score)  # an unknown name lists the valid ones
         if self.num_steps is not None and self.step not in (None, M.RISE_STEP):
             raise UsageError("give --step or --num-steps, not both")
         if not self.blur_sigma >= 0:
@@ -229,8 +235,9 @@ class EvalConfig:
             d.pop(k)
         if d["num_steps"] is not None:
             d["step"] = None
-        if d["tie_break"] == "raster":  # the default keeps the identity of runs made before the option existed
-            d.pop("tie_break")
+        for k, default in (("tie_break", "raster"), ("score", "logit")):
+            if d[k] == default:  # the default keeps the identity of runs made before the option existed
+                d.pop(k)
         d["blur_truncate"] = M.RISE_BLUR_TRUNCATE
         return d
 
@@ -444,8 +451,11 @@ class _Evaluator:
             from .. import shap as _shap
 
             cfg, head = self.cfg, self.c.split.head
+            from ..targets import class_score
+
+            score = class_score(cfg.score)
             self._shap_fn = self.jax.jit(lambda params, a, t, key: _shap.shap_values(
-                head, params, a, t, method=cfg.shap_method, num_samples=cfg.shap_samples, key=key,
+                head, params, a, score(t), method=cfg.shap_method, num_samples=cfg.shap_samples, key=key,
                 chunk_size=cfg.shap_chunk))
         values, stderr = self._shap_fn(self.c.params, self.features_fn(self.c.params, x), t,
                                        self.jax.random.PRNGKey(self.cfg.seed))
@@ -502,7 +512,8 @@ class _Evaluator:
         jax, cfg = self.jax, self.cfg
         tj = jax.numpy.asarray(b.targets)
         key = jax.random.PRNGKey(cfg.seed) if method.needs_key else None
-        step, _, _ = compiled_step(self.c.split, method, {}, self.devices)
+        options = {} if cfg.score == "logit" else {"score": cfg.score}
+        step, _, _ = compiled_step(self.c.split, method, options, self.devices)
         before = step.compile_s
         program = step.program(self.c.params, b.x, tj, key)
         self.compile_s[name] = self.compile_s.get(name, 0.0) + step.compile_s - before
