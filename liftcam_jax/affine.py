@@ -30,7 +30,7 @@ input-dependent operands are all per-channel and which keeps channels apart
 ``relu6``, depthwise ``conv_general_dilated``, ``pad``/``slice``/``squeeze``
 and reductions that leave the last axis alone). A value is *additive* when it
 is per-channel, or the output of an equation linear in its input-dependent
-operands (:func:`liftcam_jax.interpreter.classify`: ``add``,
+operands (:func:`liftcam_jax.equations.classify`: ``add``,
 ``conv_general_dilated`` with a constant kernel, ``mul`` by a constant, ...),
 all of them additive. Anything else (``max`` of channel-mixed values, a
 product of two mixed activations) ends the front, and the additive values it
@@ -46,6 +46,7 @@ import jax
 import numpy as np
 from jax.extend import core as jcore
 
+from . import equations as E
 from . import interpreter as I
 from . import primitives as P
 
@@ -83,8 +84,8 @@ def _flat(closed):
         env.update(zip(jaxpr.invars, args))
         for eqn in jaxpr.eqns:
             ins = [read(v) for v in eqn.invars]
-            sub = I.sub_jaxpr(eqn.params) if eqn.primitive.name in _INLINE else None
-            outs = run(sub[0], sub[1], *ins[len(ins) - len(sub[0].invars):]) if sub else I.bind(eqn, ins)
+            sub = P.sub_jaxpr(eqn.params) if eqn.primitive.name in _INLINE else None
+            outs = run(sub[0], sub[1], *ins[len(ins) - len(sub[0].invars):]) if sub else E.bind(eqn, ins)
             for v, o in zip(eqn.outvars, outs):
                 if not isinstance(v, jcore.DropVar):
                     env[v] = o
@@ -100,9 +101,9 @@ def _evaluate(jaxpr, consts, bound: dict, outvars) -> list:
     env.update(bound)
     eqns, _ = I.live_equations(jaxpr.replace(outvars=list(outvars)), known=env)
     for eqn in eqns:
-        outs = I.bind(eqn, [I.read_env(env, v) for v in eqn.invars])
+        outs = E.bind(eqn, [E.read_env(env, v) for v in eqn.invars])
         env.update((v, o) for v, o in zip(eqn.outvars, outs) if not isinstance(v, jcore.DropVar))
-    return [I.read_env(env, v) for v in outvars]
+    return [E.read_env(env, v) for v in outvars]
 
 
 # Primitives that act position by position (shapes broadcast only over size-1 axes).
@@ -122,8 +123,8 @@ def _keeps_channels(eqn, dep_idx, k: int) -> bool:
     prm = lambda key: P.param(eqn, key)  # noqa: E731
     if name in _ELEMENTWISE:
         if P.facts(name).kind == "custom_jvp":
-            sub = I.sub_jaxpr(eqn)
-            if sub is None or not I.body_is_elementwise(sub[0]):
+            sub = P.sub_jaxpr(eqn)
+            if sub is None or not E.body_is_elementwise(sub[0]):
                 return False
         return all(len(ins[i].shape) == len(outs[0].shape) for i in dep_idx)
     if len(dep_idx) != 1 or dep_idx[0] != 0:
@@ -172,7 +173,7 @@ def _frontier(jaxpr, x_var, per_channel: bool) -> list:
             additive.update(outs)
             continue
         try:
-            linear = I.classify(eqn, [v.aval for v in eqn.invars], dep_idx) == "linear"
+            linear = E.classify(eqn, [v.aval for v in eqn.invars], dep_idx) == "linear"
         except Exception:  # noqa: BLE001 - no linear rule: the front ends here
             linear = False
         floats = all(np.issubdtype(v.aval.dtype, np.inexact) for v in outs)  # a cast to int is not affine

@@ -21,14 +21,14 @@ rewrites and refusals below), then its *kind* (:func:`classify`: ``linear``,
 rule each table defines. A primitive with no rule raises the table's error
 naming it; nothing falls back to gradients.
 
-*Patterns* found on the jaxpr before the rules run (:func:`plan`): an
-elementwise sub-computation of one value (GELU, SiLU, ``leaky_relu``: an
-*elementwise region*) takes the table's elementwise rule as a whole, and the
-``stop_gradient`` of a maximum that softmax and logsumexp subtract is a
-*max-shift*, one value (the table's ``shift``) shared by the input and the
-reference. *The head's output* is defined in :func:`softmax_at_output`; a
-softmax or log-softmax there is refused by :func:`check_output` (the callers
-decide, e.g. ``rescale.linearize(..., allow_softmax_output=True)``).
+Before the rules run, :func:`plan` (:mod:`liftcam_jax.patterns`) finds two
+patterns on the jaxpr: *elementwise regions* (GELU, SiLU, ``leaky_relu``),
+which take the table's elementwise rule as a whole, and *max-shifts*, the
+maximum that softmax and logsumexp subtract, one value (the table's
+``shift``) shared by the input and the reference. A softmax at the head's
+output is refused by :func:`check_output`. What the rules need to know of one
+equation (:func:`classify`, :func:`~liftcam_jax.equations.bind`) is in
+:mod:`liftcam_jax.equations`.
 
 *Rewrites* shared by every table. Some primitives are rewritten into an
 equivalent jaxpr of primitives that have rules, which is then interpreted as a
@@ -62,6 +62,10 @@ import numpy as np
 from jax.extend import core as jcore
 
 from . import primitives as P
+from .equations import (RULE_KINDS, bind, classify, is_elementwise_call, is_float, is_known,
+                        primitive_name, read_env)
+from .patterns import check_output, plan, softmax_at_output
+from .primitives import sub_jaxpr
 
 __all__ = [
     "MAX_UNROLL",
@@ -77,174 +81,6 @@ __all__ = [
 
 MAX_UNROLL = 1024
 """The longest ``scan`` the interpreters unroll; a longer one is refused."""
-
-# ---------------------------------------------------------------------------
-# primitive classes (the facts live in liftcam_jax.primitives)
-# ---------------------------------------------------------------------------
-
-RULE_KINDS = ("linear", "elementwise", "chooser", "product", "call", "custom_jvp")
-"""The kinds of :data:`liftcam_jax.primitives.TABLE` each rule table defines a rule for."""
-
-# Functions refused by name when met as a named call (``jit[name=...]``).
-SOFTMAX_NAMES = frozenset({"softmax", "log_softmax", "_softmax", "_log_softmax"})
-SOFTMAX_ADVICE = (
-    "a probability depends on every class through the shared normaliser, so its attributions "
-    "mix in the other classes' evidence; explain the logits: end the head before the softmax"
-)
-
-
-def primitive_name(primitive) -> str:
-    """The table key of ``primitive``: a ``jax.extend.core.Primitive`` or its name."""
-    if isinstance(primitive, str):
-        return primitive
-    name = getattr(primitive, "name", None)
-    if not isinstance(name, str):
-        raise TypeError(f"expected a JAX primitive or its name, got {primitive!r}")
-    return name
-
-
-# ---------------------------------------------------------------------------
-# evaluation helpers
-# ---------------------------------------------------------------------------
-
-def bind(eqn, args):
-    """Evaluate one equation on ``args`` (a list of its outputs)."""
-    params = eqn.primitive.get_bind_params(eqn.params)
-    if isinstance(params, tuple):  # older JAX: (subfuns, params)
-        subfuns, params = params
-        args = [*subfuns, *args]
-    with eqn.ctx.manager:
-        out = eqn.primitive.bind(*args, **params)
-    return list(out) if eqn.primitive.multiple_results else [out]
-
-
-def eqn_fn(eqn, ins, dep_idx):
-    """The equation as a function of its input-dependent operands only."""
-
-    def f(*deps):
-        args = list(ins)
-        for i, d in zip(dep_idx, deps):
-            args[i] = d
-        return bind(eqn, args)
-
-    return f
-
-
-def is_float(x) -> bool:
-    return jnp.issubdtype(jnp.result_type(x), jnp.inexact)
-
-
-sub_jaxpr = P.sub_jaxpr
-
-
-def body_is_elementwise(jaxpr) -> bool:
-    """Whether a ``custom_jvp`` body is one elementwise function (relu, relu6, softplus, ...).
-
-    Every equation is position-wise (:data:`liftcam_jax.primitives.TABLE`), a
-    broadcast of a scalar, or a plain call whose body is.
-    """
-    for eqn in jaxpr.eqns:
-        name = eqn.primitive.name
-        f = P.facts(name)
-        if f.inline:
-            sub = sub_jaxpr(eqn)
-            if sub is None or not body_is_elementwise(sub[0]):
-                return False
-        elif name == "broadcast_in_dim":
-            if any(getattr(v.aval, "shape", ()) != () for v in eqn.invars if not isinstance(v, jcore.Literal)):
-                return False
-        elif not f.positionwise:
-            return False
-    return True
-
-
-def is_elementwise_call(eqn, shape_of_dep, dep_idx) -> bool:
-    """Whether a ``custom_jvp`` equation applies one elementwise function to its one input-dependent operand."""
-    sub = sub_jaxpr(eqn)
-    return (
-        sub is not None
-        and len(dep_idx) == 1
-        and len(eqn.outvars) == 1
-        and tuple(eqn.outvars[0].aval.shape) == tuple(shape_of_dep)
-        and body_is_elementwise(sub[0])
-    )
-
-
-def is_known(x, value) -> bool:
-    """``x`` is a concrete (not traced) value equal to ``value`` everywhere."""
-    if isinstance(x, jax.core.Tracer):
-        return False
-    try:
-        return bool(np.all(np.asarray(x) == value))
-    except Exception:  # noqa: BLE001 - anything not convertible is not known
-        return False
-
-
-def body_args(jaxpr, ins, dep_idx, error):
-    """A call's operands as its body's arguments: ``(args, dep_idx in the body)``.
-
-    A call's leading operands beyond the body's arguments are its constants;
-    they may not depend on the input.
-    """
-    shift = max(len(ins) - len(jaxpr.invars), 0)
-    sub_dep = [i - shift for i in dep_idx]
-    if any(i < 0 for i in sub_dep):
-        raise error("input-dependent constants of a call")
-    return ins[shift:], sub_dep
-
-
-# ---------------------------------------------------------------------------
-# classification
-# ---------------------------------------------------------------------------
-
-def classify(eqn, ins, dep_idx, *, error=NotImplementedError, rule: str = "DeepLIFT") -> str:
-    """The kind of rule an equation with input-dependent operands ``dep_idx`` needs.
-
-    One of ``"custom_jvp"``, ``"call"``, ``"linear"`` (affine in its
-    input-dependent operands), ``"elementwise"`` (a nonlinearity of one value,
-    also ``c / b`` with only ``b`` input-dependent), ``"chooser"`` (max/min
-    pooling) or ``"product"`` (a bilinear primitive or a quotient with two
-    input-dependent operands: :data:`liftcam_jax.primitives.Facts.product`),
-    looked up by primitive name; the operand positions are checked. Anything
-    else raises ``error`` naming the primitive.
-    """
-    name = eqn.primitive.name
-    f = P.facts(name)
-    kind = f.kind
-    register = f"(register one with liftcam_jax.{'rescale' if rule == 'DeepLIFT' else 'lrp'}.register_rule)"
-    if kind not in RULE_KINDS:
-        what = "a primitive with a body" if P.has_sub_jaxpr(eqn.params) else "primitive"
-        raise error(f"no {rule} rule for {what} {name!r} applied to an input-dependent value {register}")
-    if kind == "linear" and f.operands != "all":
-        allowed = f.operands
-        if allowed == "one":
-            if len(dep_idx) == 1:
-                return kind
-            if f.product:
-                return "product"
-            raise error(
-                f"no {rule} rule for {name!r} of two input-dependent values "
-                f"(a product of activations is not linear in the input) {register}"
-            )
-        if allowed == "cases":
-            allowed = tuple(range(1, len(ins)))
-        if set(dep_idx) <= set(allowed):
-            return kind
-        if f.product == "quotient":  # a / b with b computed from the input
-            return "elementwise" if dep_idx == [1] else "product"
-        raise error(
-            f"no {rule} rule for {name!r} with an input-dependent operand in position "
-            f"{sorted(set(dep_idx) - set(allowed))} (e.g. a data-dependent branch or index)"
-        )
-    if kind == "elementwise" and len(dep_idx) != 1:
-        raise error(
-            f"no {rule} rule for {name!r} of {len(dep_idx)} input-dependent values "
-            f"(the rule is defined for elementwise functions of one value) {register}"
-        )
-    if kind == "chooser" and not (dep_idx == [0] and len(ins) == 1):
-        raise error(f"no {rule} rule for {name!r} with these operands")
-    return kind
-
 
 # ---------------------------------------------------------------------------
 # rewrites: an equation as an equivalent jaxpr of primitives with rules
@@ -403,338 +239,6 @@ def _rewrite_rule(maker):
 
 
 # ---------------------------------------------------------------------------
-# the plan: elementwise regions and max-shifts, found on the jaxpr
-# ---------------------------------------------------------------------------
-
-def _is_var(v) -> bool:
-    return not isinstance(v, jcore.Literal)
-
-
-def _shape(v):
-    return tuple(getattr(v.aval, "shape", ()))
-
-
-def _positionwise(eqn, dep_vars, user) -> bool:
-    """Whether ``eqn`` may be a member of an elementwise region (see :func:`plan`).
-
-    Its output position :math:`i` reads position :math:`i` of its
-    input-dependent operands only, all of the output's shape: a position-wise
-    primitive (:data:`liftcam_jax.primitives.TABLE`; not ``stop_gradient``),
-    or a call or ``custom_jvp`` whose body is one elementwise function. A
-    primitive with a user's rule stays out, so that its rule is used.
-    """
-    name = eqn.primitive.name
-    if name in user or name == "stop_gradient" or len(eqn.outvars) != 1:
-        return False
-    f = P.facts(name)
-    if f.kind in ("call", "custom_jvp"):
-        sub = sub_jaxpr(eqn)
-        if sub is None or not body_is_elementwise(sub[0]):
-            return False
-    elif not f.positionwise:
-        return False
-    out = _shape(eqn.outvars[0])
-    return all(_shape(v) == out for v in dep_vars)
-
-
-def _explained_alone(eqn, dep_vars) -> bool:
-    """Whether ``eqn``'s own rule applies: linear, or elementwise of one value, or a call."""
-    dep_idx = [i for i, v in enumerate(eqn.invars) if _is_var(v) and v in dep_vars]
-    try:
-        kind = classify(eqn, [v.aval for v in eqn.invars], dep_idx, error=ValueError)
-    except Exception:  # noqa: BLE001 - no rule of its own (a comparison, a branch on the input)
-        return False
-    return kind in ("linear", "elementwise", "call", "custom_jvp")
-
-
-def _reaches_max(v, producer, dep, depth=0) -> bool:
-    """Whether ``v`` is computed from a maximum (``reduce_max``) of the input by position-wise
-    or structural steps only (``max(-inf, m)``, ``where(is_finite(m), m, 0)``, broadcasts)."""
-    e = producer.get(v)
-    if e is None or depth > 16:
-        return False
-    name = e.primitive.name
-    if name == "reduce_max":
-        return True
-    f = P.facts(name)
-    if name == "stop_gradient" or not (f.positionwise or f.structural):
-        return False
-    deps = [u for u in e.invars if _is_var(u) and u in dep]
-    return bool(deps) and all(_reaches_max(u, producer, dep, depth + 1) for u in deps)
-
-
-def _softmax_shift(e, dep, producer, readers, made) -> bool:
-    """Whether ``e`` is ``sub(x, m)`` of a softmax: ``m`` input-dependent and computed from a
-    ``reduce_max`` (:func:`_reaches_max`), ``x - m`` read only by an ``exp`` whose value is read only by
-    a ``reduce_sum`` and a ``div`` of it by that sum (moved by structural steps). Softmax does not
-    depend on ``m`` (``jax.nn.softmax``'s own body from JAX 0.11 on, which has no ``stop_gradient``)."""
-    if e.primitive.name != "sub" or len(e.invars) != 2:
-        return False
-    m = e.invars[1]
-    if not (_is_var(m) and m in dep and _reaches_max(m, producer, dep)):
-        return False
-    ex = readers.get(e.outvars[0], [])
-    if len(ex) != 1 or ex[0].primitive.name != "exp":
-        return False
-    w = ex[0].outvars[0]
-    after = readers.get(w, [])
-    sums = [r for r in after if r.primitive.name == "reduce_sum"]
-    divs = [r for r in after if r.primitive.name == "div" and r.invars[0] is w]
-    if len(sums) != 1 or len(divs) != 1 or len(after) != 2:
-        return False
-    total, d = sums[0].outvars[0], divs[0].invars[1]
-    for _ in range(8):  # the denominator: the sum, moved by structural steps (broadcast, reshape)
-        if d is total:
-            return True
-        p = made.get(d)
-        if p is None or not P.facts(p.primitive.name).structural or not p.invars or not _is_var(p.invars[0]):
-            return False
-        d = p.invars[0]
-    return False
-
-
-class Region(NamedTuple):
-    """An elementwise region: its equations (in order) and the ``closed_call`` equation that runs them."""
-
-    members: list
-    eqn: Any
-
-
-def _region_eqn(members, root, outputs):
-    """A ``closed_call`` equation computing ``outputs`` from ``root`` and the members' other operands."""
-    inside = {v for e in members for v in e.outvars}
-    consts = []
-    for e in members:
-        for v in e.invars:
-            if _is_var(v) and v is not root and v not in inside and v not in consts:
-                consts.append(v)
-    ins = [root, *consts]
-
-    def body(*args):
-        env = dict(zip(ins, args))
-        for e in members:
-            outs = bind(e, [read_env(env, v) for v in e.invars])
-            env.update(zip(e.outvars, outs))
-        return [env[v] for v in outputs]
-
-    closed = jax.make_jaxpr(body)(*[jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype) for v in ins])
-    return jcore.new_jaxpr_eqn(ins, list(outputs), jcore.primitives.closed_call_p,
-                               {"call_jaxpr": closed}, jcore.no_effects)
-
-
-def plan(eqns, outvars, dep_vars, user=()) -> list:
-    r"""The order in which :func:`forward` interprets ``eqns``: ``[(what, eqn_or_region)]``.
-
-    ``what`` is ``"eqn"`` (the equation's rule), ``"shift"`` or ``"region"``:
-
-    * **Max-shifts.** ``jax.nn.softmax``, ``log_softmax`` and ``logsumexp``
-      subtract ``stop_gradient(max(x))`` for floating-point range; the
-      function does not depend on the shift. A ``stop_gradient`` of an
-      input-dependent value computed from a ``reduce_max`` by position-wise or
-      structural steps is such a shift: the table's ``shift`` gives one value
-      shared by the input and the reference (DeepLIFT: the larger of the two
-      maxima), an input-independent constant from there on. A shift computed
-      separately at the input and at the reference would change the
-      attributions: the difference of ``x - m`` would carry ``m - m_ref``,
-      which the ``stop_gradient`` hides from every rule. Any other
-      ``stop_gradient`` of an input-dependent value is refused. From JAX 0.11
-      on ``jax.nn.softmax`` is a ``custom_jvp`` whose body subtracts the max
-      without a ``stop_gradient``; there ``sub(x, m)`` (``what`` =
-      ``"shift_sub"``), ``m`` computed from a ``reduce_max``, read only by an
-      ``exp`` whose value is divided by its own sum, is the same shift
-      (softmax does not depend on ``m``): :func:`_softmax_shift`.
-    * **Elementwise regions.** ``jax.nn.gelu`` is traced into ``mul``,
-      ``tanh``, ``add`` and ``integer_pow`` of one value ``x``; ``silu`` into
-      ``x * logistic(x)``; ``leaky_relu`` into ``select_n(x >= 0, ...)``. A
-      region is a connected set of position-wise equations
-      (:func:`_positionwise`) whose only input-dependent operand from outside
-      is one value, its *root*, all of the root's shape; it ends where a
-      non-elementwise operation or a second input-dependent value comes in.
-      The region is one elementwise function :math:`y = g(x)` of its root, so
-      it takes the table's elementwise rule as a whole (DeepLIFT: the secant
-      slope of :math:`g`, exact for each output), when one of its equations
-      has no rule of its own (a product of two values of the region, a
-      comparison, a ``select_n`` on one). Otherwise its equations keep their
-      own rules (a chain of secants is the secant of the chain).
-
-    Equations that read nothing computed from the input come first (their
-    order among themselves kept), then the others in order, a fused region at
-    its first member's place (its constant operands are ready then, and every
-    reader of its outputs comes after its first member).
-    """
-    dep, touched = set(dep_vars), set(dep_vars)
-    producer, root, group, fuse, shifts, shift_subs = {}, {}, {}, set(), set(), set()
-    readers, made = {}, {}  # every equation reading / making each variable (later ones too)
-    for e in eqns:
-        made.update((v, e) for v in e.outvars)
-        for v in e.invars:
-            if _is_var(v):
-                readers.setdefault(v, []).append(e)
-    for n, e in enumerate(eqns):
-        for v in e.outvars:
-            producer[v] = e
-        if not any(_is_var(v) and v in touched for v in e.invars):
-            continue
-        touched.update(e.outvars)
-        dvars = [v for v in e.invars if _is_var(v) and v in dep]
-        if not dvars:
-            continue
-        if e.primitive.name == "stop_gradient" and _reaches_max(dvars[0], producer, dep):
-            shifts.add(n)
-            continue
-        dep.update(e.outvars)
-        if _softmax_shift(e, dep, producer, readers, made):
-            shift_subs.add(n)
-            continue
-        if _positionwise(e, dvars, user):
-            roots = {root.get(v, v) for v in dvars}
-            if len(roots) == 1:
-                (r,) = roots
-                group[n] = r
-                root[e.outvars[0]] = r
-                if not _explained_alone(e, dep):
-                    fuse.add(r)
-    members = {}
-    for n, r in group.items():
-        if r in fuse:
-            members.setdefault(r, []).append(n)
-    read_outside = set(v for v in outvars if _is_var(v))
-    for n, e in enumerate(eqns):
-        if not (n in group and group[n] in fuse):
-            read_outside.update(v for v in e.invars if _is_var(v))
-    first = {}
-    for r, ns in members.items():
-        ms = [eqns[n] for n in ns]
-        outs = [e.outvars[0] for e in ms if e.outvars[0] in read_outside]
-        first[ns[0]] = Region(ms, _region_eqn(ms, r, outs))
-    items_free, items = [], []
-    for n, e in enumerate(eqns):
-        if n in first:
-            items.append(("region", first[n]))
-        elif n in group and group[n] in fuse:
-            continue
-        elif n in shifts:
-            items.append(("shift", e))
-        elif n in shift_subs:
-            items.append(("shift_sub", e))
-        elif any(v in touched for v in e.outvars):
-            items.append(("eqn", e))
-        else:
-            items_free.append(("eqn", e))
-    return items_free + items
-
-
-# ---------------------------------------------------------------------------
-# the head's output: a softmax there is refused
-# ---------------------------------------------------------------------------
-
-_PASS_THROUGH = frozenset({"reshape", "squeeze", "expand_dims", "broadcast_in_dim", "transpose", "slice",
-                           "convert_element_type", "copy", "copy_p", "reduce_precision", "rev",
-                           "sharding_constraint", "optimization_barrier"})
-"""Single-operand moves and copies that keep a value "the head's output" (``out[:, 1:]``, a reshape)."""
-
-
-def _back(v, producer):
-    """Follow ``v`` back through :data:`_PASS_THROUGH` equations: ``(v, its producer or None)``."""
-    for _ in range(64):
-        e = producer.get(v)
-        if e is None or e.primitive.name not in _PASS_THROUGH:
-            return v, e
-        v = e.invars[0]
-        if not _is_var(v):
-            return v, None
-    return v, None
-
-
-def _producer_map(jaxpr):
-    return {v: e for e in jaxpr.eqns for v in e.outvars}
-
-
-def _exp_of(v, producer):
-    """The argument of ``exp`` when ``v`` is (moved) ``exp(z)``, else ``None``."""
-    _, e = _back(v, producer)
-    return e.invars[0] if e is not None and e.primitive.name == "exp" else None
-
-
-def _is_exp_sum(v, producer, of=None) -> bool:
-    """Whether ``v`` is (moved) ``sum(exp(z))``; with ``of``, also ``of = exp(z)`` for the same ``z``."""
-    _, e = _back(v, producer)
-    if e is None or e.primitive.name != "reduce_sum" or not _is_var(e.invars[0]):
-        return False
-    z = _exp_of(e.invars[0], producer)
-    return z is not None and (of is None or _exp_of(of, producer) is z)
-
-
-def _is_log_sum_exp(v, producer) -> bool:
-    """Whether ``v`` is (moved) ``log(sum(exp(z)))``, or that plus a shift, or of ``abs`` of the sum
-    (``jax.nn.logsumexp``), also as the output of a call that computes it (a ``custom_jvp`` from JAX 0.11 on)."""
-    v, e = _back(v, producer)
-    if e is not None and P.facts(e.primitive.name).kind in ("call", "custom_jvp"):  # JAX 0.11+: a custom_jvp
-        sub = sub_jaxpr(e)
-        if sub is None or len(sub[0].outvars) != len(e.outvars) or not _is_var(sub[0].outvars[list(e.outvars).index(v)]):
-            return False
-        return _is_log_sum_exp(sub[0].outvars[list(e.outvars).index(v)], _producer_map(sub[0]))
-    if e is not None and e.primitive.name == "add":
-        return any(_is_var(u) and _is_log_sum_exp(u, producer) for u in e.invars)
-    if e is None or e.primitive.name != "log" or not _is_var(e.invars[0]):
-        return False
-    u, a = _back(e.invars[0], producer)
-    if a is not None and a.primitive.name == "abs" and _is_var(a.invars[0]):
-        u = a.invars[0]
-    return _is_exp_sum(u, producer)
-
-
-def softmax_at_output(jaxpr, index: int) -> Optional[str]:
-    r"""``"softmax"`` or ``"log_softmax"`` when output ``index`` of ``jaxpr`` is one, else ``None``.
-
-    *The head's output* is a value returned by the head, followed back
-    through moves and copies (:data:`_PASS_THROUGH`: reshapes, slices,
-    transposes, casts) and into the calls that return it. Once traced,
-    a softmax is no longer one named call; it is one of:
-
-    * a call named ``softmax`` / ``log_softmax`` (older JAX);
-    * a normalised exponential, ``div(e, sum(e))`` with ``e = exp(...)``
-      (``jax.nn.softmax``, with or without its max-shift, and the
-      hand-written ``exp(x) / exp(x).sum()``), or the ``log`` of one;
-    * ``sub(z, lse)`` with ``lse = log(sum(exp(...)))`` (+ a shift):
-      ``jax.nn.log_softmax`` and ``x - logsumexp(x)``.
-    """
-    return _softmax_of(jaxpr.outvars[index], _producer_map(jaxpr))
-
-
-def _softmax_of(v, producer) -> Optional[str]:
-    v, e = _back(v, producer)
-    if e is None:
-        return None
-    name = e.primitive.name
-    if P.facts(name).kind in ("call", "custom_jvp"):
-        cname = P.call_name(e)
-        if cname in SOFTMAX_NAMES:
-            return "log_softmax" if "log" in cname else "softmax"
-        sub = sub_jaxpr(e)
-        if sub is None or len(sub[0].outvars) != len(e.outvars):
-            return None
-        return _softmax_of(sub[0].outvars[list(e.outvars).index(v)], _producer_map(sub[0]))
-    if name == "log" and _is_var(e.invars[0]):
-        return "log_softmax" if _softmax_of(e.invars[0], producer) == "softmax" else None
-    if name == "div" and all(_is_var(u) for u in e.invars):
-        num, den = e.invars
-        if _is_exp_sum(den, producer, of=num):
-            return "softmax"
-    if name == "sub" and _is_var(e.invars[1]) and _is_log_sum_exp(e.invars[1], producer):
-        return "log_softmax"
-    return None
-
-
-def check_output(jaxpr, error, rule: str) -> None:
-    """Raise ``error`` (one line, :data:`SOFTMAX_ADVICE`) when an output of ``jaxpr`` is a softmax."""
-    for i, v in enumerate(jaxpr.outvars):
-        what = softmax_at_output(jaxpr, i) if _is_var(v) else None
-        if what is not None:
-            raise error(f"no {rule} rule for a {what} at the head's output: {SOFTMAX_ADVICE}")
-
-
-# ---------------------------------------------------------------------------
 # rule tables and the interpreter
 # ---------------------------------------------------------------------------
 
@@ -754,7 +258,7 @@ def custom_jvp_rule(eqn, ins, dep_idx, ctx):
     r"""The rule of a ``custom_jvp`` function: one elementwise function, else a call.
 
     A body that is one elementwise function of its one input-dependent operand
-    (``jax.nn.relu``, ``relu6``, ``softplus``: :func:`is_elementwise_call`)
+    (``jax.nn.relu``, ``relu6``, ``softplus``: :func:`~liftcam_jax.equations.is_elementwise_call`)
     takes the table's ``elementwise`` rule as a whole, :math:`y_i = g(u_i)`
     (DeepLIFT: its secant slope, with the custom derivative as the fallback);
     any other body is interpreted like a call.
@@ -865,7 +369,7 @@ def live_equations(jaxpr, used_outputs=None, *, known=()):
       ``jaxpr.invars``: whether any of them reads it. Call bodies are looked
       into (:func:`_body_uses`), so a call keeps only the operands its body
       really uses; a kept call's operand that is not read may be missing from
-      an evaluator's environment (:func:`read_env` gives a placeholder).
+      an evaluator's environment (:func:`~liftcam_jax.equations.read_env` gives a placeholder).
 
     A split's head built by running the whole model on a placeholder input
     (:mod:`liftcam_jax.flax_split`) leaves the front dead: it is not
@@ -885,19 +389,6 @@ def live_equations(jaxpr, used_outputs=None, *, known=()):
         reads = [True] * len(eqn.invars) if eqn.effects else _body_uses(eqn, outs_used)
         live.update(v for v, r in zip(eqn.invars, reads) if r and not isinstance(v, jcore.Literal))
     return kept[::-1], [v in live for v in jaxpr.invars]
-
-
-def read_env(env, v):
-    """The value of ``v`` (a Var or Literal) in ``env``; zeros of its type for a dead operand.
-
-    :func:`live_equations` drops the producers of a call's operands that the
-    call's body never reads; the call still takes a value for them.
-    """
-    if isinstance(v, jcore.Literal):
-        return v.val
-    if v in env:
-        return env[v]
-    return jnp.zeros(v.aval.shape, v.aval.dtype)
 
 
 def forward(jaxpr, consts, args, dep_pos, ctx) -> Trace:

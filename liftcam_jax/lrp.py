@@ -38,7 +38,7 @@ depends on the input, then a reverse pass applies one rule per equation:
   unchanged (Captum's rule for ``ReLU``, ``Tanh`` and ``Dropout``);
 * elementwise regions, an elementwise function of one value however it is
   written (``jax.nn.gelu``, ``silu``, ``leaky_relu``:
-  :func:`liftcam_jax.interpreter.plan`): relevance passes through unchanged,
+  :func:`liftcam_jax.patterns.plan`): relevance passes through unchanged,
   as for ``tanh``;
 * the max-shift of ``softmax`` and ``logsumexp``: a constant (its value at
   ``x``), so it takes no relevance;
@@ -46,7 +46,7 @@ depends on the input, then a reverse pass applies one rule per equation:
   interpreted recursively.
 
 A softmax or log-softmax at the head's output is refused with the advice to
-explain the logits (:func:`liftcam_jax.interpreter.check_output`). A product
+explain the logits (:func:`liftcam_jax.patterns.check_output`). A product
 or quotient of two input-dependent values (``mul``, ``dot_general`` and
 ``div`` in attention and LayerNorm) raises :class:`NoRelevanceRule` naming the
 primitive: relevance through them needs AttnLRP's rules (Achtibat et al.,
@@ -72,10 +72,10 @@ import jax
 import jax.numpy as jnp
 from jax.extend import core as jcore
 
-from . import interpreter, primitives
+from . import equations, interpreter, patterns, primitives
 from .errors import LiftcamError
-from .interpreter import bind as _bind
-from .interpreter import eqn_fn as _eqn_fn
+from .equations import bind as _bind
+from .equations import eqn_fn as _eqn_fn
 
 __all__ = [
     "DEFAULT_EPSILON",
@@ -142,7 +142,7 @@ def _pass_through_rule(eqn, ins, dep_idx, ctx):
     shape = jnp.shape(ins[i])
 
     def back(rs):
-        # an elementwise region (liftcam_jax.interpreter.plan) may have several outputs
+        # an elementwise region (liftcam_jax.patterns.plan) may have several outputs
         r = sum(_fill(outs, rs))
         if jnp.shape(r) != shape:  # a scalar operand broadcast against a constant array
             r = jnp.sum(r).reshape(shape)
@@ -161,7 +161,7 @@ def _product_refusal(eqn, ins, dep_idx, ctx):
 
 def _call(jaxpr, consts, ins, dep_idx, ctx):
     """Interpret a body on ``ins`` (its last ``len(jaxpr.invars)`` operands)."""
-    args, sub_dep = interpreter.body_args(jaxpr, ins, dep_idx, NoRelevanceRule)
+    args, sub_dep = equations.body_args(jaxpr, ins, dep_idx, NoRelevanceRule)
     outs, backward = _interpret(jaxpr, consts, args, set(sub_dep), ctx)
 
     def back(rs):
@@ -308,7 +308,7 @@ def propagate(fun: Callable, x, *, epsilon: float = DEFAULT_EPSILON,
 
     closed = jax.make_jaxpr(flat_fun)(*flat_x)
     if not allow_softmax_output:
-        interpreter.check_output(closed.jaxpr, NoRelevanceRule, "LRP")
+        patterns.check_output(closed.jaxpr, NoRelevanceRule, "LRP")
     otree = out_tree[-1]
     outs, backward = _interpret(
         closed.jaxpr, closed.consts, list(flat_x), set(range(len(flat_x))), _Ctx(float(epsilon), _TABLE)

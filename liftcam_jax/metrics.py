@@ -39,7 +39,8 @@ input resolution ``(B, H, W)`` in [0, 1] (``Explanation.maps``), ``targets``
 
   by the trapezoid rule over the *fraction* ``f_s = n_s / HW`` of pixels
   changed (so a last partial step counts for its real width). Lower deletion
-  and higher insertion AUC are better. The insertion start is RISE's blur,
+  and higher insertion AUC are better. The settings (steps, substrate, blur,
+  tie-break) are one :class:`CurveConfig`. The insertion start is RISE's blur,
   ``klen=11, sigma=5``: :func:`liftcam_jax.image.gaussian_blur` with
   ``blur_sigma=5`` and ``blur_truncate=1`` (radius 5, 11 taps), edge-padded.
   RISE's own kernel (``gkern``: ``scipy.ndimage.gaussian_filter`` of an
@@ -72,6 +73,7 @@ interval.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Callable, NamedTuple, Optional
 
@@ -227,45 +229,69 @@ def causal_curve(model: Callable, params, start: Array, finish: Array, maps: Arr
     return CausalCurve(fractions, scores, trapezoid(scores, fractions))
 
 
-def _counts(maps, step, num_steps):
+@dataclasses.dataclass(frozen=True)
+class CurveConfig:
+    """How :func:`deletion` and :func:`insertion` draw their curves; the defaults are RISE's.
+
+    Attributes:
+      step: pixels changed per step (default :data:`RISE_STEP`, 224, when
+        ``num_steps`` is not given either); num_steps: the number of steps
+        instead (:func:`step_counts`).
+      substrate: what deletion turns the image into: ``"zeros"`` (zeros of the
+        normalised input, as RISE's code) or ``"mean"`` (each image's
+        per-channel mean).
+      blur_sigma, blur_truncate: insertion's blurred start
+        (:func:`liftcam_jax.image.gaussian_blur`; RISE's ``klen=11, sigma=5``).
+      tie_break: the order of equally salient pixels, ``"raster"`` or
+        ``"random"`` (which needs a ``key``; :func:`saliency_rank`).
+      chunk: steps of the whole batch per model call (memory and speed only).
+    """
+
+    step: Optional[int] = None
+    num_steps: Optional[int] = None
+    substrate: str = "zeros"
+    blur_sigma: float = RISE_BLUR_SIGMA
+    blur_truncate: float = RISE_BLUR_TRUNCATE
+    tie_break: str = "raster"
+    chunk: int = 16
+
+    def counts(self, num_pixels: int) -> tuple:
+        """The static ``(n_0, ..., n_S)`` of :func:`causal_curve` for images of ``num_pixels`` pixels."""
+        step = RISE_STEP if self.step is None and self.num_steps is None else self.step
+        return tuple(int(c) for c in step_counts(num_pixels, step, self.num_steps))
+
+
+def _curve(model, params, start, finish, maps, targets, config: CurveConfig, key) -> CausalCurve:
     h, w = maps.shape[-2:]
-    if step is None and num_steps is None:
-        step = RISE_STEP
-    return tuple(int(c) for c in step_counts(h * w, step, num_steps))
+    return causal_curve(model, params, start, finish, maps, targets, counts=config.counts(h * w),
+                        chunk=config.chunk, tie_break=config.tie_break, key=key)
 
 
-def deletion(model: Callable, params, x: Array, maps: Array, targets: Array, *,
-             step: Optional[int] = None, num_steps: Optional[int] = None,
-             substrate: str = "zeros", chunk: int = 16, tie_break: str = "raster",
-             key: Optional[Array] = None) -> CausalCurve:
+def deletion(model: Callable, params, x: Array, maps: Array, targets: Array,
+             config: CurveConfig = CurveConfig(), *, key: Optional[Array] = None) -> CausalCurve:
     """RISE deletion: remove the most salient pixels first; lower AUC is better.
 
-    ``substrate``: ``"zeros"`` (zeros of the normalised input, as RISE's code)
-    or ``"mean"`` (each image's per-channel mean). Default ``step``: 224 pixels.
-    ``tie_break`` (``"raster"`` or ``"random"``, which needs ``key``): the order of
-    equally salient pixels (:func:`saliency_rank`).
+    ``config``: the steps, the substrate (``"zeros"``, as RISE's code, or
+    ``"mean"``) and the order of equally salient pixels (:class:`CurveConfig`);
+    ``key``: for ``tie_break="random"`` (:func:`saliency_rank`).
     """
-    if substrate == "zeros":
+    if config.substrate == "zeros":
         finish = jnp.zeros_like(x)
-    elif substrate == "mean":
+    elif config.substrate == "mean":
         finish = jnp.broadcast_to(jnp.mean(x, axis=(1, 2), keepdims=True), x.shape)
     else:
-        raise ValueError(f"unknown deletion substrate {substrate!r} (use 'zeros' or 'mean')")
-    return causal_curve(model, params, x, finish, maps, targets, counts=_counts(maps, step, num_steps), chunk=chunk,
-                        tie_break=tie_break, key=key)
+        raise ValueError(f"unknown deletion substrate {config.substrate!r} (use 'zeros' or 'mean')")
+    return _curve(model, params, x, finish, maps, targets, config, key)
 
 
-def insertion(model: Callable, params, x: Array, maps: Array, targets: Array, *,
-              step: Optional[int] = None, num_steps: Optional[int] = None,
-              blur_sigma: float = RISE_BLUR_SIGMA, blur_truncate: float = RISE_BLUR_TRUNCATE,
-              chunk: int = 16, tie_break: str = "raster", key: Optional[Array] = None) -> CausalCurve:
+def insertion(model: Callable, params, x: Array, maps: Array, targets: Array,
+              config: CurveConfig = CurveConfig(), *, key: Optional[Array] = None) -> CausalCurve:
     """RISE insertion: start from a blurred copy, insert the most salient pixels first; higher AUC is better.
 
-    ``tie_break`` and ``key`` as in :func:`deletion`.
+    ``config`` (the steps, the blur, the order of ties) and ``key`` as in :func:`deletion`.
     """
-    start = gaussian_blur(x, blur_sigma, blur_truncate)
-    return causal_curve(model, params, start, x, maps, targets, counts=_counts(maps, step, num_steps), chunk=chunk,
-                        tie_break=tie_break, key=key)
+    start = gaussian_blur(x, config.blur_sigma, config.blur_truncate)
+    return _curve(model, params, start, x, maps, targets, config, key)
 
 
 # ---------------------------------------------------------------------------

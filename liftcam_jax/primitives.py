@@ -28,7 +28,7 @@ keys its rules. A row (:class:`Facts`) says:
   ``"all"``, ``"one"`` (exactly one of two: ``mul``, ``dot_general``),
   ``"cases"`` (``select_n``: not the predicate) or a tuple of positions.
 * ``product``: what the primitive is when more operands depend on the input
-  than ``operands`` allows (:func:`liftcam_jax.interpreter.classify` then
+  than ``operands`` allows (:func:`liftcam_jax.equations.classify` then
   gives the kind ``product``): ``"bilinear"`` (``mul``, ``dot_general``,
   ``conv_general_dilated``: :math:`f(a, b)` linear in each operand) or
   ``"quotient"`` (``div``: :math:`a / b`; with only the denominator
@@ -151,7 +151,7 @@ TABLE = {
     "custom_jvp_call": Facts("custom_jvp"),
     # -- refused by the interpreter when input-dependent (softmax's max-shift) --
     # (a stop_gradient of a maximum, the max-shift of softmax and logsumexp, is a shift:
-    # liftcam_jax.interpreter.plan)
+    # liftcam_jax.patterns.plan)
     "stop_gradient": Facts("refused", positionwise=True),
 }
 """Primitive name -> :class:`Facts`. A primitive missing here has no rule."""
@@ -190,7 +190,7 @@ def _custom_function_name(jaxpr) -> Optional[str]:
 
 
 def region_label(jaxpr) -> str:
-    """The label of an elementwise region (:func:`liftcam_jax.interpreter.plan`): ``elementwise[tanh,mul]``.
+    """The label of an elementwise region (:func:`liftcam_jax.patterns.plan`): ``elementwise[tanh,mul]``.
 
     It lists, in order, the region's primitives that are not linear in the
     region's input (its first argument): its nonlinearities and its products

@@ -35,7 +35,7 @@ map of the incoming differences:
   the max-shift of softmax and logsumexp shared by the input and the
   reference); an elementwise function of one value however it is written
   (``jax.nn.gelu``, ``silu``): one secant as a whole
-  (:func:`liftcam_jax.interpreter.plan`). LayerNorm and RMSNorm follow;
+  (:func:`liftcam_jax.patterns.plan`). LayerNorm and RMSNorm follow;
 * max-pooling (``reduce_window_max``, ``reduce_max``): Captum's DeepLift
   max-pool rule. With ``o = max(window)`` and ``o_r`` its reference value, the
   output difference is split into ``max(o, o_r) - o_r``, routed to the actual
@@ -64,9 +64,9 @@ import jax
 import jax.numpy as jnp
 from jax.extend import core as jcore
 
-from . import interpreter, primitives, rescale_rules
+from . import equations, interpreter, patterns, primitives, rescale_rules
 from .errors import LiftcamError
-from .interpreter import classify
+from .equations import classify
 from .rescale_rules import Pair as _Pair
 from .rescale_rules import Zeros as _Zeros
 from .rescale_rules import ref as _ref
@@ -126,11 +126,11 @@ def _stays_zero(eqn, ins, dep_idx) -> bool:
     if zero not in ("if_constants_zero", "if_cases"):
         return False
     free = {0} if zero == "if_cases" else set()  # select_n's predicate may be anything
-    return all(interpreter.is_known(ins[j], 0) for j in range(len(ins)) if j not in dep_idx and j not in free)
+    return all(equations.is_known(ins[j], 0) for j in range(len(ins)) if j not in dep_idx and j not in free)
 
 
 def _linear_rule(eqn, ins, dep_idx, ctx):
-    f = interpreter.eqn_fn(eqn, ins, dep_idx)
+    f = equations.eqn_fn(eqn, ins, dep_idx)
     vals, lin = jax.linearize(f, *[ins[i].val for i in dep_idx])
     if _stays_zero(eqn, ins, dep_idx):
         refs = _zeros_like_out(eqn)
@@ -141,7 +141,7 @@ def _linear_rule(eqn, ins, dep_idx, ctx):
 
 def _elementwise_rule(eqn, ins, dep_idx, ctx):
     """The secant rule of an elementwise function of one value (each output its own secant:
-    an elementwise region, :func:`liftcam_jax.interpreter.plan`, may return several)."""
+    an elementwise region, :func:`liftcam_jax.patterns.plan`, may return several)."""
     (i,) = dep_idx
     out_shape = eqn.outvars[0].aval.shape
     u = ins[i]
@@ -150,7 +150,7 @@ def _elementwise_rule(eqn, ins, dep_idx, ctx):
         expand = lambda t: jnp.broadcast_to(t, out_shape)
     else:
         expand = lambda t: t
-    base = interpreter.eqn_fn(eqn, ins, dep_idx)
+    base = equations.eqn_fn(eqn, ins, dep_idx)
     secants = [_secant(lambda x, k=k: base(x)[k], u, ctx.eps) for k in range(len(eqn.outvars))]
     ctx.nonlinear.append(primitives.label(eqn))
     return [_Pair(val, ref) for val, ref, _ in secants], lambda t: [s * expand(t) for _, _, s in secants]
@@ -159,7 +159,7 @@ def _elementwise_rule(eqn, ins, dep_idx, ctx):
 def _chooser_rule(eqn, ins, dep_idx, ctx):
     cross = _CROSS[primitives.facts(eqn.primitive.name).chooses]
     x = ins[0]
-    f = lambda v: interpreter.bind(eqn, [v])[0]
+    f = lambda v: equations.bind(eqn, [v])[0]
     val, sel_a = jax.linearize(f, x.val)
     x_ref = _ref(x)
     ref, sel_r = jax.linearize(f, x_ref)
@@ -258,12 +258,12 @@ def register_rule(primitive, rule: Optional[Callable]):
 
         lj.rescale.register_rule(jax.lax.mul_p, product_rule)
     """
-    return _TABLE.register(primitive, None if rule is None else _user_rule(rule, interpreter.primitive_name(primitive)))
+    return _TABLE.register(primitive, None if rule is None else _user_rule(rule, equations.primitive_name(primitive)))
 
 
 def _call(jaxpr, consts, ins, dep_idx, ctx):
     """Interpret a body on ``ins`` (its last ``len(jaxpr.invars)`` operands)."""
-    args, sub_dep = interpreter.body_args(jaxpr, ins, dep_idx, NoRescaleRule)
+    args, sub_dep = equations.body_args(jaxpr, ins, dep_idx, NoRescaleRule)
     outs, program = _interpret(jaxpr, consts, args, ctx)
 
     def tangent(*t):
@@ -347,7 +347,7 @@ def linearize(fun: Callable, x, x_ref=None, *, eps: float = DEFAULT_EPS,
         that map zero to zero so that the reference pass skips them.
       eps: differences below this use the derivative instead of the secant.
       allow_softmax_output: explain a softmax or log-softmax that is the head's
-        output (:func:`liftcam_jax.interpreter.softmax_at_output`). ``False``
+        output (:func:`liftcam_jax.patterns.softmax_at_output`). ``False``
         (the default, for class logits) refuses it with the advice to explain
         the logits; a caller explaining a target function the user wrote of
         the output (a probability asked for by name) passes ``True``.
@@ -382,7 +382,7 @@ def linearize(fun: Callable, x, x_ref=None, *, eps: float = DEFAULT_EPS,
 
     closed = jax.make_jaxpr(flat_fun)(*flat_x)
     if not allow_softmax_output:
-        interpreter.check_output(closed.jaxpr, NoRescaleRule, "DeepLIFT")
+        patterns.check_output(closed.jaxpr, NoRescaleRule, "DeepLIFT")
     otree = out_tree[-1]
     ctx = _Ctx(eps, [], _TABLE)
     outs, program = _interpret(

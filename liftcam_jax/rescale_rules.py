@@ -5,7 +5,7 @@ The values of DeepLIFT's interpreter (:mod:`liftcam_jax.rescale`) are pairs
 *linear* map of the operands' differences whose value at the true differences
 is the output's difference (summation-to-delta). This module holds that pair
 algebra, the secant slope every elementwise rule uses, and the rules for two
-input-dependent operands; :mod:`liftcam_jax.interpreter` finds the patterns
+input-dependent operands; :mod:`liftcam_jax.patterns` finds the patterns
 (elementwise regions, max-shifts, a softmax at the head's output) on the jaxpr.
 
 **Products of two input-dependent values** (``mul``, ``dot_general`` of queries
@@ -63,7 +63,7 @@ the map stays linear and exact. With only the denominator input-dependent,
 inside the head, :math:`e_i / \sum_j e_j` with :math:`e = \exp(x - s)`, is then
 exp's secant, a linear sum and this quotient rule: exact. Its attributions do
 not depend on a shift :math:`s` shared by the input and the reference
-(:func:`liftcam_jax.interpreter.plan`, :func:`shift`): :math:`e \to k e`
+(:func:`liftcam_jax.patterns.plan`, :func:`shift`): :math:`e \to k e`
 scales :math:`\Delta a, \bar a, b, b'` by :math:`k = e^{-s}` and leaves both
 terms unchanged (in the log form below, :math:`\log k` cancels in
 :math:`\log a - \log b` and in the log secants' differences); so ``jax.nn.softmax`` and ``exp(x) / exp(x).sum()`` have the
@@ -91,7 +91,7 @@ pre-norm block with real biases keeps summation-to-delta within
 initialised zero biases), lose float32 entirely, and float64 keeps about 9
 digits. Explain in float64 there, or take a reference that is not constant. **GELU, SiLU** and
 any elementwise function of one value however it is written are one secant as a
-whole (elementwise regions, :func:`liftcam_jax.interpreter.plan`;
+whole (elementwise regions, :func:`liftcam_jax.patterns.plan`;
 :func:`secant` here).
 
 Every slope here is a differentiable value (no ``stop_gradient``); a division by
@@ -106,7 +106,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from . import interpreter, primitives
+from . import equations, primitives
 
 __all__ = ["Pair", "Zeros", "ref", "secant", "product_rule", "shift"]
 
@@ -167,7 +167,7 @@ def secant(g, u: Pair, eps):
 
 
 def _bilinear(eqn, ins, dep_idx):
-    f = interpreter.eqn_fn(eqn, ins, dep_idx)
+    f = equations.eqn_fn(eqn, ins, dep_idx)
     a, b = (ins[i] for i in dep_idx)
     vals = f(a.val, b.val)
     if isinstance(a.ref, Zeros) and isinstance(b.ref, Zeros):
@@ -182,8 +182,8 @@ def _bilinear(eqn, ins, dep_idx):
 def _quotient(eqn, ins, dep_idx, eps):
     a, b = ins[0], ins[1]
     a_r, b_r = ref(a), ref(b)
-    (out,) = interpreter.bind(eqn, [a.val, b.val])
-    (out_r,) = interpreter.bind(eqn, [a_r, b_r])
+    (out,) = equations.bind(eqn, [a.val, b.val])
+    (out_r,) = equations.bind(eqn, [a_r, b_r])
     shape = tuple(eqn.outvars[0].aval.shape)
     # a * (1 / b): the product split composed with the reciprocal's exact secant
     c_mid = (1 / b.val + 1 / b_r) / 2

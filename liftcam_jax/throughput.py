@@ -118,6 +118,58 @@ def _decode_all(preprocess, sources, limit: Optional[int]) -> List[np.ndarray]:
     return out
 
 
+def _check(batch_size: int, repeats: int, limit: Optional[int], saves: Sequence[str]) -> None:
+    """A one-line :class:`~liftcam_jax.errors.UsageError` for a bad argument of :func:`dataset_efficiency`."""
+    from .batch import SAVE_MODES
+
+    positive_int("batch size", batch_size)
+    positive_int("repeats", repeats)
+    if limit is not None:
+        positive_int("limit", limit)
+    for save in saves:
+        if save not in SAVE_MODES:
+            raise UsageError(f"unknown save mode {save!r}; valid: {', '.join(SAVE_MODES)}")
+
+
+def _stepper(classifier, method, options: dict, devices: tuple, batch_size: int):
+    """``one_pass(xs)``: the run's compiled, sharded step over preprocessed inputs ``xs``.
+
+    In batches of ``batch_size`` (the tail padded as the run pads it), each
+    call ending with the explanation copied to the host.
+    """
+    import jax
+
+    from .batch import padded_size
+    from .runs.loop import compiled_step
+
+    step, data, repl = compiled_step(classifier.split, method, options, devices)
+    params = jax.device_put(classifier.params, repl)
+    base_key = jax.random.PRNGKey(0) if method.needs_key else None
+
+    def one_pass(xs: List[np.ndarray]) -> None:
+        for b, start in enumerate(range(0, len(xs), batch_size)):
+            chunk = xs[start:start + batch_size]
+            x = np.zeros((padded_size(len(chunk), batch_size, len(devices)), *chunk[0].shape), np.float32)
+            x[: len(chunk)] = np.stack(chunk)
+            key = None if base_key is None else jax.random.fold_in(base_key, b)
+            jax.device_get(step(params, jax.device_put(x, data), None, key))
+
+    return one_pass
+
+
+def _timed_run(classifier, sources, out_dir: str, save: str, n: int, run_kw: dict) -> Timing:
+    """``batch.run`` over the first ``n`` inputs into ``out_dir``, per image; every input must be explained."""
+    from .batch import run
+
+    t0 = _clock()
+    summary = run(classifier, sources, out_dir=out_dir, save=save, limit=n, **run_kw)
+    timing = _since(t0, n)
+    if summary.done != n:
+        raise UsageError(f"the {save} run explained {summary.done} of {n} inputs "
+                         f"({summary.failed} failed): measure on inputs that all decode")
+    return timing
+
+
 def dataset_efficiency(
     classifier,
     inputs: Sequence,
@@ -151,38 +203,19 @@ def dataset_efficiency(
     import jax
 
     from . import methods as _methods
-    from .batch import SAVE_MODES, padded_size, run
-    from .runs.loop import compiled_step
+    from .batch import run
     from .data import open_inputs
 
-    positive_int("batch size", batch_size)
-    positive_int("repeats", repeats)
-    if limit is not None:
-        positive_int("limit", limit)
-    for save in saves:
-        if save not in SAVE_MODES:
-            raise UsageError(f"unknown save mode {save!r}; valid: {', '.join(SAVE_MODES)}")
+    _check(batch_size, repeats, limit, saves)
     m = _methods.resolve(method)
     options = dict(options or {})
     sources = list(inputs)
     if not sources or not all(hasattr(s, "items") and hasattr(s, "read") for s in sources):
         sources = open_inputs([os.fspath(s) for s in sources])
-    prep = classifier.preprocess
 
     devs = tuple(run_options.get("devices") or jax.local_devices())
     bs = -(-int(batch_size) // len(devs)) * len(devs)  # as the run rounds it
-    step, data, repl = compiled_step(classifier.split, m, options, devs)
-    params = jax.device_put(classifier.params, repl)
-    base_key = jax.random.PRNGKey(0) if m.needs_key else None
-
-    def one_pass(xs: List[np.ndarray]) -> None:
-        for b, start in enumerate(range(0, len(xs), bs)):
-            chunk = xs[start:start + bs]
-            x = np.zeros((padded_size(len(chunk), bs, len(devs)), *chunk[0].shape), np.float32)
-            x[: len(chunk)] = np.stack(chunk)
-            key = None if base_key is None else jax.random.fold_in(base_key, b)
-            jax.device_get(step(params, jax.device_put(x, data), None, key))
-
+    one_pass = _stepper(classifier, m, options, devs, bs)
     run_kw = dict(method=method, options=options or None, batch_size=bs, quiet=True, **run_options)
     with tempfile.TemporaryDirectory(prefix="liftcam-throughput-") as tmp:
         root = os.fspath(out_dir) if out_dir is not None else tmp
@@ -192,7 +225,7 @@ def dataset_efficiency(
         xs: List[np.ndarray] = []
         for r in range(repeats):
             t0 = _clock()
-            xs = _decode_all(prep, sources, limit)
+            xs = _decode_all(classifier.preprocess, sources, limit)
             if not xs:
                 raise UsageError("no inputs to measure on")
             decode.append(_since(t0, len(xs)))
@@ -206,14 +239,8 @@ def dataset_efficiency(
             one_pass(xs)
             steps.append(_since(t0, len(xs)))
             for save in saves:
-                t0 = _clock()
-                summary = run(classifier, sources, out_dir=os.path.join(root, f"run-{r}-{save}"), save=save,
-                              limit=len(xs), **run_kw)
-                timing = _since(t0, len(xs))
-                if summary.done != len(xs):
-                    raise UsageError(f"the {save} run explained {summary.done} of {len(xs)} inputs "
-                                     f"({summary.failed} failed): measure on inputs that all decode")
-                runs[save].append(timing)
+                runs[save].append(_timed_run(classifier, sources, os.path.join(root, f"run-{r}-{save}"), save,
+                                             len(xs), run_kw))
     return DatasetEfficiency(
         model=str(getattr(classifier, "name", "model")), method=method, images=len(xs), batch_size=bs,
         devices=len(devs), cpus=os.cpu_count() or 1, repeats=repeats, step=_median(steps), decode=_median(decode),

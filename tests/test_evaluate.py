@@ -106,8 +106,8 @@ def test_numbers_match_the_metrics_applied_by_hand(first_run, data):
     x = jnp.asarray(np.stack([pre(im) for im in imgs]))
     t = jnp.asarray(LABELS, jnp.int32)
     exp = explain(clf.split, clf.params, x, t, method="lift-cam")
-    dele = metrics.deletion(clf.split, clf.params, x, exp.maps, t, step=100)
-    ins = metrics.insertion(clf.split, clf.params, x, exp.maps, t, step=100)
+    dele = metrics.deletion(clf.split, clf.params, x, exp.maps, t, metrics.CurveConfig(step=100))
+    ins = metrics.insertion(clf.split, clf.params, x, exp.maps, t, metrics.CurveConfig(step=100))
     cc = metrics.confidence_change(clf.split, clf.params, x, exp.maps, t)
     boxes = np.zeros((4, 2, 4), np.float32)
     valid = np.zeros((4, 2), bool)
@@ -269,10 +269,10 @@ def test_random_tie_break_is_the_metric_with_the_seed(data, capsys, tmp_path):
     t = jnp.asarray(LABELS, jnp.int32)
     exp = explain(clf.split, clf.params, x, t, method="lift-cam")
     assert int(jnp.sum(exp.maps == 0)) > 0  # ties to break
-    kw = dict(step=100, tie_break="random", key=jax.random.PRNGKey(3))
-    dele = metrics.deletion(clf.split, clf.params, x, exp.maps, t, **kw)
-    ins = metrics.insertion(clf.split, clf.params, x, exp.maps, t, **kw)
-    raster = metrics.deletion(clf.split, clf.params, x, exp.maps, t, step=100)
+    curve, key = metrics.CurveConfig(step=100, tie_break="random"), jax.random.PRNGKey(3)
+    dele = metrics.deletion(clf.split, clf.params, x, exp.maps, t, curve, key=key)
+    ins = metrics.insertion(clf.split, clf.params, x, exp.maps, t, curve, key=key)
+    raster = metrics.deletion(clf.split, clf.params, x, exp.maps, t, metrics.CurveConfig(step=100))
     recs = {r["item"]: r for r in map(json.loads, log_lines(out))}
     for i in range(4):
         got = recs[f"imgs/im{i}.png"]["metrics"]

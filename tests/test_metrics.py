@@ -6,6 +6,7 @@ import pytest
 import scipy.stats
 
 from liftcam_jax import metrics
+from liftcam_jax.metrics import CurveConfig
 from liftcam_jax.image import gaussian_kernel1d
 from liftcam_jax.model import Preprocess
 
@@ -111,8 +112,8 @@ def test_random_tie_break_changes_nothing_without_ties():
     model = region_model(region)
     x, t = jnp.ones((2, H, W, 3)), jnp.zeros((2,), jnp.int32)
     for fn in (metrics.deletion, metrics.insertion):
-        a = fn(model, PARAMS, x, maps, t, step=5)
-        b = fn(model, PARAMS, x, maps, t, step=5, tie_break="random", key=jax.random.PRNGKey(5))
+        a = fn(model, PARAMS, x, maps, t, CurveConfig(step=5))
+        b = fn(model, PARAMS, x, maps, t, CurveConfig(step=5, tie_break="random"), key=jax.random.PRNGKey(5))
         np.testing.assert_array_equal(np.asarray(a.scores), np.asarray(b.scores))
 
 
@@ -121,15 +122,15 @@ def test_random_tie_break_in_deletion_of_a_flat_map():
     region = first_pixels(16)
     model = region_model(region)
     x, t, flat = jnp.ones((1, H, W, 3)), jnp.zeros((1,), jnp.int32), jnp.zeros((1, H, W))
-    raster = metrics.deletion(model, PARAMS, x, flat, t, step=4)
+    raster = metrics.deletion(model, PARAMS, x, flat, t, CurveConfig(step=4))
     np.testing.assert_allclose(raster.auc, [16 / (2 * HW)], atol=1e-6)
-    aucs = [float(metrics.deletion(model, PARAMS, x, flat, t, step=4, tie_break="random",
+    aucs = [float(metrics.deletion(model, PARAMS, x, flat, t, CurveConfig(step=4, tie_break="random"),
                                    key=jax.random.PRNGKey(s)).auc[0]) for s in range(3)]
     assert all(a > 0.2 for a in aucs) and len(set(aucs)) == 3
     with pytest.raises(ValueError, match="needs key"):
-        metrics.deletion(model, PARAMS, x, flat, t, tie_break="random")
+        metrics.deletion(model, PARAMS, x, flat, t, CurveConfig(tie_break="random"))
     with pytest.raises(ValueError, match="unknown tie_break 'lexical'"):
-        metrics.insertion(model, PARAMS, x, flat, t, tie_break="lexical", key=jax.random.PRNGKey(0))
+        metrics.insertion(model, PARAMS, x, flat, t, CurveConfig(tie_break="lexical"), key=jax.random.PRNGKey(0))
 
 
 # --------------------------------------------------------------------------- deletion / insertion
@@ -147,7 +148,7 @@ def test_deletion_ideal_map_closed_form_and_ordering(step):
     counts = metrics.step_counts(HW, step=step)
     res = {}
     for name, m in [("ideal", ideal), ("inverted", inverted), ("random", rand)]:
-        res[name] = metrics.deletion(model, PARAMS, x, m, targets, step=step, chunk=3)
+        res[name] = metrics.deletion(model, PARAMS, x, m, targets, CurveConfig(step=step, chunk=3))
     # ideal: the region's pixels go first -> p(n) = max(0, 1 - n / |R|)
     p_ideal = np.maximum(0.0, 1.0 - counts / n_r)
     np.testing.assert_allclose(res["ideal"].scores[0], p_ideal, atol=1e-6)
@@ -171,10 +172,10 @@ def test_deletion_analytic_auc_when_steps_divide_region():
     model = region_model(region)
     x = jnp.ones((2, H, W, 3))
     maps = jnp.stack([jnp.asarray(region), jnp.asarray(region) * 0.5])
-    out = metrics.deletion(model, PARAMS, x, maps, jnp.zeros((2,), jnp.int32), step=4)
+    out = metrics.deletion(model, PARAMS, x, maps, jnp.zeros((2,), jnp.int32), CurveConfig(step=4))
     np.testing.assert_allclose(out.auc, [n_r / (2 * HW)] * 2, atol=1e-6)
     # the inverted map: AUC = 1 - |R| / (2 HW)
-    out = metrics.deletion(model, PARAMS, x[:1], 1 - maps[:1], jnp.zeros((1,), jnp.int32), num_steps=16)
+    out = metrics.deletion(model, PARAMS, x[:1], 1 - maps[:1], jnp.zeros((1,), jnp.int32), CurveConfig(num_steps=16))
     np.testing.assert_allclose(out.auc, [1 - n_r / (2 * HW)], atol=1e-6)
 
 
@@ -186,12 +187,12 @@ def test_deletion_mean_substrate():
     mean = (n_r + 3.0 * (HW - n_r)) / HW
     model = region_model(region, total=n_r * max(mean, 1.0) + 1.0)
     out = metrics.deletion(model, PARAMS, x, jnp.asarray(region)[None], jnp.zeros((1,), jnp.int32),
-                           step=16, substrate="mean")
+                           CurveConfig(step=16, substrate="mean"))
     t = n_r * max(mean, 1.0) + 1.0
     np.testing.assert_allclose(out.scores[0, 0], n_r / t, atol=1e-6)
     np.testing.assert_allclose(out.scores[0, 1], n_r * mean / t, atol=1e-6)
     with pytest.raises(ValueError, match="substrate"):
-        metrics.deletion(model, PARAMS, x, jnp.asarray(region)[None], jnp.zeros((1,), jnp.int32), substrate="noise")
+        metrics.deletion(model, PARAMS, x, jnp.asarray(region)[None], jnp.zeros((1,), jnp.int32), CurveConfig(substrate="noise"))
 
 
 def test_insertion_from_zeros_closed_form():
@@ -217,8 +218,8 @@ def test_insertion_starts_blurred_and_prefers_ideal_map():
     targets = jnp.zeros((1,), jnp.int32)
     blurred = metrics.gaussian_blur(x, metrics.RISE_BLUR_SIGMA, metrics.RISE_BLUR_TRUNCATE)
     assert gaussian_kernel1d(metrics.RISE_BLUR_SIGMA, metrics.RISE_BLUR_TRUNCATE).shape == (11,)  # RISE: klen 11
-    ideal = metrics.insertion(model, PARAMS, x, jnp.asarray(region)[None], targets, step=4)
-    inv = metrics.insertion(model, PARAMS, x, 1 - jnp.asarray(region)[None], targets, step=4)
+    ideal = metrics.insertion(model, PARAMS, x, jnp.asarray(region)[None], targets, CurveConfig(step=4))
+    inv = metrics.insertion(model, PARAMS, x, 1 - jnp.asarray(region)[None], targets, CurveConfig(step=4))
     p0 = float(jax.nn.softmax(model(PARAMS, blurred))[0, 0])
     np.testing.assert_allclose(ideal.scores[0, 0], p0, rtol=1e-5)
     np.testing.assert_allclose(ideal.scores[0, -1], 0.5, atol=1e-6)  # the image itself: S_R / T = 1/2
@@ -234,14 +235,14 @@ def test_causal_curve_chunking_and_batching_agree():
     maps = jnp.asarray(rng.random((3, H, W)), jnp.float32)
     model = region_model(region, total=100.0)
     t = jnp.asarray([0, 1, 0], jnp.int32)
-    a = metrics.deletion(model, PARAMS, x, maps, t, step=7, chunk=1)
-    b = metrics.deletion(model, PARAMS, x, maps, t, step=7, chunk=4)
+    a = metrics.deletion(model, PARAMS, x, maps, t, CurveConfig(step=7, chunk=1))
+    b = metrics.deletion(model, PARAMS, x, maps, t, CurveConfig(step=7, chunk=4))
     np.testing.assert_allclose(a.scores, b.scores, atol=1e-6)
     for i in range(3):  # image by image == batched
-        c = metrics.deletion(model, PARAMS, x[i:i + 1], maps[i:i + 1], t[i:i + 1], step=7, chunk=4)
+        c = metrics.deletion(model, PARAMS, x[i:i + 1], maps[i:i + 1], t[i:i + 1], CurveConfig(step=7, chunk=4))
         np.testing.assert_allclose(c.scores[0], a.scores[i], atol=1e-6)
     # params are arguments: a different scale changes the scores without recompiling constants in
-    d = metrics.deletion(model, {"scale": jnp.float32(0.5)}, x, maps, t, step=7)
+    d = metrics.deletion(model, {"scale": jnp.float32(0.5)}, x, maps, t, CurveConfig(step=7))
     assert not np.allclose(d.scores, a.scores)
 
 

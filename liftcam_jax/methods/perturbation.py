@@ -71,6 +71,37 @@ def score_cam_mask(maps, size):
     return normalize(upsample(maps, size))
 
 
+def _masked_scores(split, params, x, maps, alive, score, chunk_size: int):
+    """Score-CAM's forward passes: the target's score of ``x`` masked by each map ``(B, n, h, w)``, ``(B, n)``.
+
+    Slot j of image i is its j-th channel, the non-constant ones (``alive``) first; a call scores
+    ``chunk_size`` slots of every image (``chunk_size * B`` masked images, one batch of ``B`` per slot,
+    as the score reads them), and the calls past the largest count of non-constant maps are skipped.
+    The scores of constant maps are zeros here (the caller has their one score).
+    """
+    b, n, h, w = maps.shape
+    calls = -(-n // chunk_size)
+    order = jnp.argsort(jnp.logical_not(alive), axis=1, stable=True)  # (B, n)
+    order = jnp.concatenate([order, jnp.zeros((b, calls * chunk_size - n), order.dtype)], axis=1)
+    n_alive = jnp.max(jnp.sum(alive, axis=1))
+    rows = jnp.arange(b)
+
+    def call(c):  # the masks are made per call: memory ~ chunk_size * B images
+        slots = jax.lax.dynamic_slice_in_dim(order, c * chunk_size, chunk_size, axis=1).T  # (chunk, B)
+
+        def forward(slots):
+            m = score_cam_mask(maps[rows[None, :], slots].reshape(-1, h, w), x.shape[1:3])  # (chunk * B, H, W)
+            xs = jnp.broadcast_to(x[None], (chunk_size,) + x.shape).reshape((-1,) + x.shape[1:])
+            out = _rows(split(params, xs * m[..., None].astype(x.dtype)), chunk_size, b)
+            return jax.vmap(score)(out).astype(x.dtype)  # (chunk, B)
+
+        return jax.lax.cond(c * chunk_size < n_alive, forward, lambda s: jnp.zeros(s.shape, x.dtype), slots)
+
+    scores = jax.lax.map(call, jnp.arange(calls))  # (calls, chunk, B)
+    scores = jnp.moveaxis(scores.reshape(calls * chunk_size, b), 0, 1)[:, :n]  # (B, n) by slot
+    return jnp.zeros((b, n), scores.dtype).at[rows[:, None], order[:, :n]].set(scores)
+
+
 @register("score-cam", tokens="all", summary="Score-CAM: softmax of the target logits of the input masked by each activation map (Wang et al., CVPRW 2020)")
 def score_cam(split, params, x, activations, targets, logits, *, key=None, chunk_size: int = DEFAULT_CHUNK,
               channels=None):
@@ -120,38 +151,15 @@ def score_cam(split, params, x, activations, targets, logits, *, key=None, chunk
     if layout is not None:  # the grid tokens' maps; split(params, x) is the whole model
         activations = _tokens.to_grid(activations, layout)
     score = _targets.as_score(targets)
-    b, h, w, k = activations.shape
+    b, k = activations.shape[0], activations.shape[3]
     idx = _channels(channels, k)
-    n = idx.size
     maps = jnp.moveaxis(activations[..., idx], 3, 1)  # (B, n, h, w)
     alive = jnp.max(maps, axis=(2, 3)) > jnp.min(maps, axis=(2, 3))  # (B, n)
     # Every constant map masks the input to zeros: one forward pass scores them all.
     zero_out = jax.tree_util.tree_map(lambda v: jnp.broadcast_to(v, (b,) + v.shape[1:]),
                                       split(params, jnp.zeros_like(x[:1])))
     zero_score = score(zero_out)  # (B,)
-
-    # Slot j of image i is its j-th channel, the non-constant ones first; a call scores chunk_size slots of
-    # every image (chunk_size * B masked images, one batch of B per slot, as the score reads them).
-    calls = -(-n // chunk_size)
-    order = jnp.argsort(jnp.logical_not(alive), axis=1, stable=True)  # (B, n)
-    order = jnp.concatenate([order, jnp.zeros((b, calls * chunk_size - n), order.dtype)], axis=1)
-    n_alive = jnp.max(jnp.sum(alive, axis=1))
-    rows = jnp.arange(b)
-
-    def call(c):  # the masks are made per call: memory ~ chunk_size * B images
-        slots = jax.lax.dynamic_slice_in_dim(order, c * chunk_size, chunk_size, axis=1).T  # (chunk, B)
-
-        def forward(slots):
-            m = score_cam_mask(maps[rows[None, :], slots].reshape(-1, h, w), x.shape[1:3])  # (chunk * B, H, W)
-            xs = jnp.broadcast_to(x[None], (chunk_size,) + x.shape).reshape((-1,) + x.shape[1:])
-            out = _rows(split(params, xs * m[..., None].astype(x.dtype)), chunk_size, b)
-            return jax.vmap(score)(out).astype(x.dtype)  # (chunk, B)
-
-        return jax.lax.cond(c * chunk_size < n_alive, forward, lambda s: jnp.zeros(s.shape, x.dtype), slots)
-
-    scores = jax.lax.map(call, jnp.arange(calls))  # (calls, chunk, B)
-    scores = jnp.moveaxis(scores.reshape(calls * chunk_size, b), 0, 1)[:, :n]  # (B, n) by slot
-    scores = jnp.zeros((b, n), scores.dtype).at[rows[:, None], order[:, :n]].set(scores)
+    scores = _masked_scores(split, params, x, maps, alive, score, chunk_size)
     scores = jnp.where(alive, scores, zero_score[:, None].astype(scores.dtype))
     weights = jax.nn.softmax(scores, axis=-1)
     return Attribution(_scatter(weights, idx, k))

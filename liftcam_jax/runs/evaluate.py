@@ -103,16 +103,16 @@ def _confidence(ctx: Context):
 def _causal(kind: str):
     def fn(ctx: Context):
         c = ctx.config
-        kw = dict(step=c.step if c.num_steps is None else None, num_steps=c.num_steps, chunk=c.step_chunk)
+        curve = M.deletion if kind == "deletion" else M.insertion
+        config = M.CurveConfig(step=c.step if c.num_steps is None else None, num_steps=c.num_steps,
+                               substrate=c.substrate, blur_sigma=c.blur_sigma, tie_break=c.tie_break,
+                               chunk=c.step_chunk)
+        key = None
         if c.tie_break != "raster":
             import jax
 
-            kw.update(tie_break=c.tie_break, key=jax.random.PRNGKey(c.seed))
-        if kind == "deletion":
-            d = M.deletion(ctx.split, ctx.params, ctx.x, ctx.explanation.maps, ctx.targets, substrate=c.substrate, **kw)
-        else:
-            d = M.insertion(ctx.split, ctx.params, ctx.x, ctx.explanation.maps, ctx.targets,
-                            blur_sigma=c.blur_sigma, **kw)
+            key = jax.random.PRNGKey(c.seed)
+        d = curve(ctx.split, ctx.params, ctx.x, ctx.explanation.maps, ctx.targets, config, key=key)
         ctx.memo["fractions"] = np.asarray(d.fractions)
         return {kind: (d.auc, d.scores)}
     return fn
