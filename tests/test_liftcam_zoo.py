@@ -83,7 +83,7 @@ def test_summation_to_delta_pretrained_efficientnet_lite0(lite0, layer):
     assert err <= 1e-5, f"lite0 at {layer}: relative completeness error {err:.2e}"
     if layer is not None:  # an intermediate block: the head is nonlinear (ReLU6, depthwise convs)
         head = lambda a: model.split(layer).head(lite0.params, a)
-        a = model.split(layer).features(lite0.params, x)
+        a = jax.jit(model.split(layer).features)(lite0.params, x)
         assert "custom_jvp_call[relu6]" in lj.rescale.nonlinear_primitives(head, a)
 
 
@@ -92,9 +92,9 @@ def test_default_split_heads_have_the_expected_closed_form(lite0):
     images = [np.asarray(Image.open(p).convert("RGB")) for p in models.sample_images()[:2]]
     x = jnp.stack([lite0.preprocess(im) for im in images])
     e = lj.explain(lite0.split, lite0.params, x)
-    a = lite0.features(lite0.params, x)
+    a = jax.jit(lite0.features)(lite0.params, x)
     assert lj.rescale.nonlinear_primitives(lambda z: lite0.head(lite0.params, z), a) == ()
-    jac = jax.vmap(lambda ai, t: jax.grad(lambda q: lite0.head(lite0.params, q[None])[0, t])(ai))(a, e.targets)
+    jac = jax.jit(jax.vmap(lambda ai, t: jax.grad(lambda q: lite0.head(lite0.params, q[None])[0, t])(ai)))(a, e.targets)
     w = jac.sum(axis=(1, 2))  # the class weights w_ck (the gradient is uniform over positions)
     np.testing.assert_allclose(e.coefficients, w * a.mean(axis=(1, 2)), rtol=1e-4, atol=1e-6)
 
@@ -106,12 +106,12 @@ def test_summation_to_delta_inside_the_last_block_of_pretrained_lite0(lite0):
     x = jnp.stack([lite0.preprocess(np.asarray(Image.open(p).convert("RGB")))
                    for p in models.sample_images()])
     split = model.split("blocks.15.dw")
-    a = split.features(lite0.params, x)
+    a = jax.jit(split.features)(lite0.params, x)
     assert a.shape == (4, 7, 7, 1152) and float(a.min()) >= 0.0
     err, e = _completeness(split, lite0.params, x)
     np.testing.assert_allclose(np.asarray(e.logits), np.asarray(lite0.logits(x)), rtol=1e-5, atol=1e-4)
     assert err <= 1e-5, f"lite0 at blocks.15.dw: relative completeness error {err:.2e}"
     # non-linear head: the coefficients are not the gradient times the maps
-    grad = jax.grad(lambda a: split.head(lite0.params, a)[0, e.targets[0]])(a[:1])
+    grad = jax.jit(jax.grad(lambda a: split.head(lite0.params, a)[0, e.targets[0]]))(a[:1])
     assert not np.allclose(np.asarray((grad * a[:1]).sum((1, 2))[0]), np.asarray(e.coefficients[0]),
                            rtol=1e-3, atol=1e-3)

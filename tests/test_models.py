@@ -384,5 +384,5 @@ def test_pretrained_lite1_at_240_recognises_the_cat_and_the_espresso(tmp_path, m
     assert cls == 285 and 0.7 < prob < 0.88  # 0.788
     cls, prob = _top1(clf, imgs["coffee"])
     assert cls == 967 and 0.6 < prob < 0.8  # 0.708
-    a = clf.features(clf.params, jnp.zeros((1, 240, 240, 3)))
+    a = jax.eval_shape(clf.features, clf.params, jnp.zeros((1, 240, 240, 3)))
     assert a.shape == (1, 8, 8, 1152)  # the last block's depthwise output, 8x8 at 240

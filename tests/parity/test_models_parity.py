@@ -89,7 +89,7 @@ def _timm_lite_modules(net, model):
 
 def _compare(model, params, net, modules, x, rel):
     with jax.default_matmul_precision("float32"):
-        ours = model.stage_outputs(jax.device_put(params), x)
+        ours = jax.jit(model.stage_outputs)(jax.device_put(params), x)  # compiled once, not op by op
     theirs, logits = _torch_outputs(net, modules, x)
     for stage, value in theirs.items():  # torch's (B, C, 1, 1) global pools vs our (B, C)
         if np.ndim(ours[stage]) == 2:
@@ -168,7 +168,7 @@ def test_efficientnet_lite_pretrained_on_a_photo(name, num_keys, size, rel_error
     x = model.preprocess(_photo("chelsea"))[None]
     assert x.shape == (1, size, size, 3)  # timm's input size for the variant
     errors = _compare(model, params, net, _timm_lite_modules(net, model), x, rel_error)
-    logits = np.asarray(model.apply(jax.device_put(params), x))
+    logits = np.asarray(jax.jit(model.apply)(jax.device_put(params), x))
     assert int(logits.argmax()) == 285 and errors["logits"] <= TOL
 
 
