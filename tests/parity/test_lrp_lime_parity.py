@@ -10,8 +10,8 @@ maps, a few channels dominate). The same weights drive a pure JAX head.
 LIME-CAM is random: with the *same* masks (fed to Captum through a
 ``perturb_func`` generator) the coefficients must agree up to the Lasso
 solvers' tolerances; with independent masks (JAX key vs torch seed) they are
-compared by Pearson correlation, next to Captum's correlation with itself
-across seeds (the ceiling that LIME's sampling noise at ``n_samples = K`` allows).
+compared by Pearson correlation (two JAX keys against one Captum seed), at
+least 0.9 on average.
 Captum's ``Lime`` is slow here (a Python loop over 512/2048 samples): minutes.
 """
 import numpy as np
@@ -273,10 +273,9 @@ def test_lime_cam_correlates_with_captum_across_seeds(net, request):
     t = _target(head, a)
     run = _lime_jax(jhead, params, a, t)
     ours = [np.asarray(run(params, _nhwc(a), jax.random.PRNGKey(100 + s))[0][0]) for s in range(2)]
-    theirs = [_captum_lime(head, a, t, 200 + s) for s in range(2)]
+    theirs = [_captum_lime(head, a, t, 200)]  # one Captum run: a Python loop over K samples, ~1 min for K = 2048
     cross = [np.corrcoef(o, c)[0, 1] for o in ours for c in theirs]
-    ceiling = np.corrcoef(theirs[0], theirs[1])[0, 1]
     ours_self = np.corrcoef(ours[0], ours[1])[0, 1]
     print(f"\n{net}: Pearson lime-cam vs Captum {np.mean(cross):.3f} (pairs {np.round(cross, 3)}), "
-          f"Captum vs Captum {ceiling:.3f}, lime-cam vs lime-cam {ours_self:.3f}")
+          f"lime-cam vs lime-cam {ours_self:.3f}")
     assert np.mean(cross) >= 0.9
