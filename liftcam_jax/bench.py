@@ -275,7 +275,10 @@ class BenchConfig:
     calls after the first (compiling) call; seed: of the random inputs; cache:
     use the persistent compilation cache (default off: honest compile times);
     model / layer / weights / command: recorded in the report; log: called
-    with one progress line per measurement (e.g. ``print`` to stderr).
+    with one progress line per measurement (e.g. ``print`` to stderr);
+    smoothing: a :class:`liftcam_jax.smoothing.Smoothing` (aug_smooth,
+    eigen_smooth, layer fusion) applied to every method, whose rows then name it
+    in their options.
     """
 
     repeats: int = 5
@@ -287,6 +290,7 @@ class BenchConfig:
     weights: Optional[str] = None
     command: Optional[str] = None
     log: Optional[Callable[[str], None]] = None
+    smoothing: Optional[Any] = None
 
 
 class _Measured(NamedTuple):
@@ -328,15 +332,27 @@ def _forward_row(forward, params, x, events, cfg: BenchConfig) -> ForwardRow:
                       program_memory(forward, params, x))
 
 
+def _program(spec: MethodSpec, split, smoothing) -> Tuple[Callable, Dict[str, Any]]:
+    """The compiled ``fn(params, x)`` a row measures, and the options its row names (the method's, and
+    the smoothing's: ``aug_smooth``, ``eigen_smooth``, ``fused`` layers and ``fusion``)."""
+    if smoothing is None or not smoothing.active:
+        return explainer(split, spec.method, **spec.kwargs), dict(spec.kwargs)
+    options = dict(spec.kwargs)
+    options.update({k: True for k in ("aug_smooth", "eigen_smooth") if getattr(smoothing, k)})
+    if smoothing.layers:
+        options.update(fused="+".join(n for n, _ in smoothing.layers), fusion=smoothing.fusion)
+    return jax.jit(lambda p, x: smoothing.explain(split, p, x, method=spec.method, **spec.kwargs)), options
+
+
 def _method_row(spec: MethodSpec, split, params, x, forward, forward_row: ForwardRow, events,
                 cfg: BenchConfig) -> Row:
     b = x.shape[0]
-    fn = explainer(split, spec.method, **spec.kwargs)
+    fn, options = _program(spec, split, cfg.smoothing)
     m = _measure(fn, params, x, events, cfg.warmup, cfg.repeats, partner=forward)
     med, fmed = statistics.median(m.runs), statistics.median(m.partner_runs)
     return Row(
         method=spec.name,
-        options=spec.kwargs,
+        options=options,
         batch_size=b,
         first_call_s=m.first,
         compile_s=max(m.first - med, 0.0),

@@ -238,3 +238,30 @@ def test_top_k_against_separate_calls(tmp_path, capsys):
     assert md.read_text() == f"- {out}"
     ratios = [float(w.rstrip("x")) for w in out.replace("(CPU ", " ").replace(")", "").replace(",", "").split() if w.endswith("x")]
     assert len(ratios) == 4 and all(r > 0 for r in ratios)
+
+
+def test_smoothing_and_fusion_are_measured_as_explain_runs_them(capsys):
+    """``--aug-smooth`` / ``--eigen-smooth`` and ``--layer a,b``: the timed program is the smoothed one
+    (its output is Smoothing.explain's, not the plain method's) and each row names what was added."""
+    from liftcam_jax.smoothing import Smoothing
+
+    clf = _tiny_classifier()
+    x = jax.random.normal(jax.random.PRNGKey(3), (2, SIZE, SIZE, 3))
+    spec = lj.methods.parse_method_spec("grad-cam")
+    for sm, named in ((Smoothing(aug_smooth=True), {"aug_smooth": True}),
+                      (Smoothing(eigen_smooth=True), {"eigen_smooth": True}),
+                      (Smoothing(fusion="max", layers=(("again", clf.split),)), {"fused": "again", "fusion": "max"})):
+        fn, options = B._program(spec, clf.split, sm)
+        assert options == named
+        np.testing.assert_allclose(fn(clf.params, x).maps, sm.explain(clf.split, clf.params, x, method="grad-cam").maps,
+                                   rtol=1e-6, atol=1e-6)
+    plain, options = B._program(spec, clf.split, Smoothing())
+    assert options == {}
+    assert not np.allclose(plain(clf.params, x).maps,
+                           Smoothing(aug_smooth=True).explain(clf.split, clf.params, x, method="grad-cam").maps)
+    rc = cli.main(["bench", "--model", "tiny", "--methods", "grad-cam", "--aug-smooth", "--eigen-smooth",
+                   "--repeats", "2", "--warmup", "0", "--quiet"], zoo=FakeZoo())
+    out = capsys.readouterr().out
+    assert rc == 0 and "| grad-cam:aug_smooth=True:eigen_smooth=True | 1 |" in out
+    rc = cli.main(["bench", "--model", "tiny", "--methods", "eigen-cam", "--eigen-smooth", "--quiet"], zoo=FakeZoo())
+    assert rc == 2 and len(capsys.readouterr().err.strip().splitlines()) == 1

@@ -22,6 +22,60 @@ def positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
 
 
+def layer_names(text):
+    """``--layer``: ``[]`` (the model's default), one layer, or ``a,b,...`` (layer fusion)."""
+    if text is None:
+        return []
+    names = [p.strip() for p in str(text).split(",")]
+    if not all(names):
+        raise errors.UsageError(f"bad --layer {text!r}: write one layer name or a comma-separated list (a,b)")
+    if len(set(names)) != len(names):
+        raise errors.UsageError(f"--layer {text!r} names a layer twice")
+    return names
+
+
+def add_smoothing_arguments(parser) -> None:
+    """``--aug-smooth``, ``--eigen-smooth`` and ``--fusion`` (with ``--layer a,b``): :mod:`liftcam_jax.smoothing`."""
+    from ..smoothing import FUSIONS
+
+    parser.add_argument("--aug-smooth", action="store_true",
+                        help="test-time augmentation as pytorch-grad-cam: the mean of the maps of the input "
+                             "flipped or not, times 0.9, 1 and 1.1 (six passes; raw and coefficients per pass)")
+    parser.add_argument("--eigen-smooth", action="store_true",
+                        help="the map is the first principal component of the weighted activations "
+                             "(pytorch-grad-cam's eigen_smooth)")
+    parser.add_argument("--fusion", choices=FUSIONS, default="mean",
+                        help="how --layer a,b fuses the layers' maps (default mean, as pytorch-grad-cam)")
+
+
+def check_smoothing(args, methods) -> list:
+    """``--layer``'s names (:func:`layer_names`); with ``--eigen-smooth``, a usage error for a method it
+    does not apply to (Eigen-CAM), before the model loads."""
+    if args.eigen_smooth:
+        from ..smoothing import eigen_smoothed
+
+        for m in methods:
+            eigen_smoothed(m)
+    return layer_names(args.layer)
+
+
+def load_smoothed(zoo, args, layers, **weights):
+    """``(classifier, smoothing)``: the model split at the first of ``layers`` (its default without
+    ``--layer``), and the :class:`~liftcam_jax.smoothing.Smoothing` the flags ask for (``None`` without
+    them); the other layers' splits of the same model are fused after the first. ``weights=``: as
+    :func:`load_model`'s."""
+    classifier = load_model(zoo, argparse.Namespace(**{**vars(args), "layer": layers[0] if layers else None}),
+                            **weights)
+    if not (args.aug_smooth or args.eigen_smooth or len(layers) > 1):
+        return classifier, None
+    from ..smoothing import Smoothing
+
+    # the other layers' splits of the same model (its weights are read once per layer; the first's are used)
+    extra = tuple((name, load_model(zoo, argparse.Namespace(**{**vars(args), "layer": name}), **weights).split)
+                  for name in layers[1:])
+    return classifier, Smoothing(args.aug_smooth, args.eigen_smooth, args.fusion, extra)
+
+
 def add_model_arguments(parser, *, weights_default=None, weights_help=None) -> None:
     """``--model`` (default: the zoo's default model, :func:`model_name`), ``--weights`` and ``--layer``."""
     parser.add_argument("--model", default=None,

@@ -64,6 +64,7 @@ def add_arguments(parser):
     )
     parser.add_argument("--limit", type=_args.positive_int, default=256,
                         help="inputs used with --data (default: 256)")
+    _args.add_smoothing_arguments(parser)
     parser.add_argument("--top-k", type=_args.positive_int, default=None, metavar="K",
                         help="measure K targets per image in one call (explain's top_k) against one target and "
                              "against K separate calls, for each method at each batch size (instead of the table)")
@@ -79,8 +80,13 @@ def run(args, zoo) -> int:
     specs = [_methods.parse_method_spec(m) for m in _methods.parse_names(args.methods, allow_options=True).names]
     batch_sizes = _int_list(args.batch_sizes)
     positive_int("--warmup", args.warmup, minimum=0)
+    layers = _args.check_smoothing(args, [s.method for s in specs])
+    if (args.aug_smooth or args.eigen_smooth or len(layers) > 1) and (args.data or args.top_k):
+        raise UsageError("--aug-smooth, --eigen-smooth and --layer a,b are measured on random inputs, "
+                         "not with --data or --top-k")
     args.model = _args.model_name(zoo, args.model)  # the report's command line names it
-    model = _args.load_model(zoo, args, weights=None if args.weights in (None, "pretrained") else args.weights)
+    model, smoothing = _args.load_smoothed(zoo, args, layers,
+                                           weights=None if args.weights in (None, "pretrained") else args.weights)
     size = int(model.preprocess.size)
     log = None if args.quiet else (lambda s: print(f"bench: {s}", file=sys.stderr, flush=True))
     if args.data:
@@ -102,6 +108,7 @@ def run(args, zoo) -> int:
         weights=args.weights,
         command="liftcam-jax bench " + " ".join(shlex.quote(a) for a in _argv(args)),
         log=log,
+        smoothing=smoothing,
     )
     table = report.to_markdown()
     print(table, end="")
@@ -159,6 +166,9 @@ def _argv(args):
         parts += ["--seed", str(args.seed)]
     if args.compilation_cache != "off":
         parts += ["--compilation-cache", args.compilation_cache]
+    parts += [flag for flag in ("--aug-smooth", "--eigen-smooth") if getattr(args, flag[2:].replace("-", "_"))]
+    if args.layer and "," in args.layer:
+        parts += ["--fusion", args.fusion]
     for p in args.out:
         parts += ["--out", p]
     return parts

@@ -29,9 +29,8 @@ import argparse
 
 from .. import methods as _methods
 from ..errors import UsageError
-from ..smoothing import FUSIONS
-from ._args import (add_distributed_arguments, add_model_arguments, add_tfds_arguments, data_options, default_out,
-                    join_cluster, load_model, positive_int)
+from ._args import (add_distributed_arguments, add_model_arguments, add_smoothing_arguments, add_tfds_arguments,
+                    check_smoothing, data_options, default_out, join_cluster, load_smoothed, positive_int)
 
 
 def _target(text: str):
@@ -44,18 +43,6 @@ def _target(text: str):
     except UsageError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
     return text.strip()
-
-
-def _layers(text):
-    """``--layer``: ``None`` (the model's default), one layer, or ``a,b,...`` (layer fusion)."""
-    if text is None:
-        return []
-    names = [p.strip() for p in str(text).split(",")]
-    if not all(names):
-        raise UsageError(f"bad --layer {text!r}: write one layer name or a comma-separated list (a,b)")
-    if len(set(names)) != len(names):
-        raise UsageError(f"--layer {text!r} names a layer twice")
-    return names
 
 
 def add_arguments(parser):
@@ -87,14 +74,7 @@ def add_arguments(parser):
     parser.add_argument("--alpha", type=float, default=0.5, help="heat-map weight in the overlays (default 0.5)")
     parser.add_argument("--cmap", default="jet", help="overlay colormap: jet, hot or gray (default jet)")
     parser.add_argument("--seed", type=int, default=0, help="PRNG seed for randomised methods (default 0)")
-    parser.add_argument("--aug-smooth", action="store_true",
-                        help="test-time augmentation as pytorch-grad-cam: the mean of the maps of the input "
-                             "flipped or not, times 0.9, 1 and 1.1 (six passes; raw and coefficients per pass)")
-    parser.add_argument("--eigen-smooth", action="store_true",
-                        help="the map is the first principal component of the weighted activations "
-                             "(pytorch-grad-cam's eigen_smooth)")
-    parser.add_argument("--fusion", choices=FUSIONS, default="mean",
-                        help="how --layer a,b fuses the layers' maps (default mean, as pytorch-grad-cam)")
+    add_smoothing_arguments(parser)
     add_distributed_arguments(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
 
@@ -103,21 +83,9 @@ def run(args, zoo) -> int:
     from ..runs.explain import run as explain_run
 
     method = _methods.get(args.method)  # a bad name fails before the model loads; resolved once
-    layers = _layers(args.layer)
-    if args.eigen_smooth:
-        from ..smoothing import eigen_smoothed
-
-        eigen_smoothed(method)  # eigen-cam: a usage error before the model loads
+    layers = check_smoothing(args, [method])
     join_cluster(args)  # several hosts: before JAX starts its backend
-    classifier = load_model(zoo, argparse.Namespace(**{**vars(args), "layer": layers[0] if layers else None}))
-    smoothing = None
-    if args.aug_smooth or args.eigen_smooth or len(layers) > 1:
-        from ..smoothing import Smoothing
-
-        # the other layers' splits of the same model (its weights are read once per layer; the first's are used)
-        extra = tuple((name, load_model(zoo, argparse.Namespace(**{**vars(args), "layer": name})).split)
-                      for name in layers[1:])
-        smoothing = Smoothing(args.aug_smooth, args.eigen_smooth, args.fusion, extra)
+    classifier, smoothing = load_smoothed(zoo, args, layers)
     summary = explain_run(
         classifier,
         args.inputs,
