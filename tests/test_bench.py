@@ -229,13 +229,18 @@ def test_cli_data_measures_a_dataset_run_against_its_step(tmp_path, capsys):
 
 def test_top_k_against_separate_calls(tmp_path, capsys):
     """bench --top-k: one line per method, consistent fields (speed itself is not asserted)."""
-    md = tmp_path / "k.md"
+    md, js = tmp_path / "k.md", tmp_path / "k.json"
     rc = cli.main(["bench", "--model", "tiny", "--methods", "lift-cam", "--top-k", "3", "--repeats", "2",
-                   "--warmup", "0", "--out", str(md)], zoo=FakeZoo())
+                   "--warmup", "0", "--out", str(md), "--out", str(js)], zoo=FakeZoo())
     assert rc == 0
     out = capsys.readouterr().out
     assert out.startswith("tiny (conv2) lift-cam b=1: top_k=3 in one call") and "3 separate calls" in out
     assert md.read_text() == f"- {out}"
+    report = json.loads(js.read_text())
+    assert report["command"].startswith("liftcam-jax bench --model tiny") and report["command"].endswith("--top-k 3")
+    (row,) = report["rows"]
+    assert (row["method"], row["k"], row["batch_size"]) == ("lift-cam", 3, 1) and row["top_k_s"] > 0
+    assert row["ratio_to_one"] > 0 and f"{row['ratio_to_one']:.2f}x one target" in out
     ratios = [float(w.rstrip("x")) for w in out.replace("(CPU ", " ").replace(")", "").replace(",", "").split() if w.endswith("x")]
     assert len(ratios) == 4 and all(r > 0 for r in ratios)
 

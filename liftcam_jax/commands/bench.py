@@ -136,22 +136,31 @@ def _dataset_run(args, model, spec, batch_size: int, outs) -> int:
 
 
 def _top_k_run(args, model, specs, batch_sizes, outs) -> int:
-    """``--top-k K``: :func:`liftcam_jax.bench.bench_top_k` per method and batch size, one line each."""
-    from ..bench import bench_top_k
+    """``--top-k K``: :func:`liftcam_jax.bench.bench_top_k` per method and batch size, one line each
+    (FILE.md: those lines; FILE.json: every measured field, the command and the device)."""
+    import dataclasses
+    import json
+
+    from ..bench import bench_top_k, device_info
 
     size = int(model.preprocess.size)
-    lines = []
+    lines, costs = [], []
     for b in batch_sizes:
         for spec in specs:
             cost = bench_top_k(model.split, model.params, (size, size, 3), spec, args.top_k, b,
                                repeats=args.repeats, warmup=args.warmup, seed=args.seed,
                                cache=args.compilation_cache == "on")
+            costs.append(dataclasses.asdict(cost))
             lines.append(f"{model.name} ({model.layer}) " + cost.line())
             print(lines[-1], flush=True)
+    argv = _argv(args) + ["--top-k", str(args.top_k)]
+    report = {"command": "liftcam-jax bench " + " ".join(shlex.quote(a) for a in argv), "model": model.name,
+              "layer": model.layer, "weights": args.weights, "device": device_info(),
+              "rows": costs}
     for p in outs:
-        if p.suffix.lower() != ".md":
-            raise UsageError(f"--out {p}: with --top-k the report is text lines (FILE.md)")
-        write_bytes(p, ("\n".join(f"- {ln}" for ln in lines) + "\n").encode("utf-8"))
+        text = json.dumps(report, indent=1) + "\n" if p.suffix.lower() == ".json" else \
+            "\n".join(f"- {ln}" for ln in lines) + "\n"
+        write_bytes(p, text.encode("utf-8"))
     return 0
 
 
