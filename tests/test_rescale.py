@@ -41,8 +41,7 @@ def _random_bn(variables, key):
 def mixed():
     head = MixedHead()
     a = jax.nn.relu(jax.random.normal(jax.random.PRNGKey(0), (4, 8, 8, 6)))
-    v = head.init(jax.random.PRNGKey(1), a)
-    v = _random_bn(v, jax.random.PRNGKey(2))
+    v = jax.jit(lambda k: _random_bn(head.init(k, a), jax.random.PRNGKey(2)))(jax.random.PRNGKey(1))  # one program
     return head, v, a
 
 
