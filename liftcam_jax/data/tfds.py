@@ -341,7 +341,7 @@ def tfds_to_array_record(name: str, data_dir: Optional[str] = None) -> str:
     import tensorflow_datasets as tfds
     from array_record.python import array_record_module
 
-    from .. import files as _io
+    from .. import files
 
     builder = tfds.builder(name, data_dir=data_dir)
     if not builder.is_prepared():
@@ -369,5 +369,5 @@ def tfds_to_array_record(name: str, data_dir: Optional[str] = None) -> str:
     with open(info_path, encoding="utf-8") as f:
         info = json.load(f)
     info["alternativeFileFormats"] = sorted(set(info.get("alternativeFileFormats", [])) | {"array_record"})
-    _io.write_json(info_path, info)
+    files.write_json(info_path, info)
     return folder
