@@ -259,7 +259,7 @@ def test_smoothing_and_fusion_are_measured_as_explain_runs_them(capsys):
         fn, options = B._program(spec, clf.split, sm)
         assert options == named
         np.testing.assert_allclose(fn(clf.params, x).maps, sm.explain(clf.split, clf.params, x, method="grad-cam").maps,
-                                   rtol=1e-6, atol=1e-6)
+                                   rtol=1e-4, atol=1e-5)  # compiled against op by op: float rounding only
     plain, options = B._program(spec, clf.split, Smoothing())
     assert options == {}
     assert not np.allclose(plain(clf.params, x).maps,
