@@ -135,6 +135,7 @@ def test_head_of_features_is_the_model_at_every_split(name, size):
     params = jax.tree_util.tree_map_with_path(
         lambda path, v: v + 0.2 * rng.random(v.shape, np.float32) if path[1].key == "batch_stats" else v,
         params)
+    params = jax.device_put(params)  # numpy leaves would be copied to the device at every eager op
     x = jax.random.normal(jax.random.PRNGKey(2), (2, size, size, 3))
     logits = np.asarray(m.apply(params, x))
     outs = m.stage_outputs(params, x)
@@ -155,9 +156,9 @@ def _inner_params(name, seed=1):
     m = models.get(name)
     params = models.zoo.random_params(m, seed=seed)
     rng = np.random.default_rng(seed)
-    return m, jax.tree_util.tree_map_with_path(
+    return m, jax.device_put(jax.tree_util.tree_map_with_path(
         lambda path, v: v + 0.2 * rng.random(v.shape, np.float32) if path[1].key in ("batch_stats",)
-        or path[-1].key == "bias" else v, params)
+        or path[-1].key == "bias" else v, params))
 
 
 @pytest.mark.parametrize("name, size", [("efficientnet_lite0", 64), ("resnet50", 32), ("resnet18", 32)])
