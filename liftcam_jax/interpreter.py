@@ -54,6 +54,8 @@ any other primitive that carries a jaxpr but is not a known call.
 """
 from __future__ import annotations
 
+import functools
+
 from typing import Any, Callable, Dict, NamedTuple, Optional
 
 import jax
@@ -277,7 +279,10 @@ class RuleTable:
       error: the exception raised for a primitive without a rule.
       kinds: ``{kind: rule}`` for ``linear``, ``elementwise`` and ``chooser``;
         ``call`` and ``custom_jvp`` default to :func:`call_rule` and
-        :func:`custom_jvp_rule`.
+        :func:`custom_jvp_rule`; optional ``product`` (two input-dependent
+        operands) and ``normaliser`` (a LayerNorm's product,
+        :func:`~liftcam_jax.patterns.plan`; called with ``index=``, its
+        normaliser's operand, and without it the ``product`` rule applies).
       call: ``call(jaxpr, consts, ins, dep_idx, ctx) -> (outs, step)``, how this
         transformation interprets a body (used by calls and rewrites).
       primal: the array a dependent value stands for (for dtype checks).
@@ -411,7 +416,7 @@ def forward(jaxpr, consts, args, dep_pos, ctx) -> Trace:
 
     steps = []
     for what, item in plan(live_equations(jaxpr)[0], jaxpr.outvars, dep, table.user):
-        eqn = item.eqn if what == "region" else item
+        eqn = item.eqn if what in ("region", "normalised") else item
         ins = [read(v) for v in eqn.invars]
         dep_idx = [i for i, v in enumerate(eqn.invars) if is_dep(v)]
         if what == "shift_sub":  # softmax's own max-shift (no stop_gradient): one value, then a plain sub
@@ -437,7 +442,12 @@ def forward(jaxpr, consts, args, dep_pos, ctx) -> Trace:
                             f"primitive {m.primitive.name!r} computes a {v.aval.dtype} value from the input "
                             f"(a data-dependent branch or index has no {table.rule_name} rule)"
                         )
-            rule = table.kinds["elementwise"] if what == "region" else table.lookup(eqn, ins, dep_idx)
+            if what == "region":
+                rule = table.kinds["elementwise"]
+            elif what == "normalised" and len(dep_idx) == 2 and "normaliser" in table.kinds:
+                rule = functools.partial(table.kinds["normaliser"], index=item.index)
+            else:
+                rule = table.lookup(eqn, ins, dep_idx)
             outs, step = rule(eqn, ins, dep_idx, ctx)
             for o, v in zip(outs, eqn.outvars):
                 if isinstance(v, jcore.DropVar) or not table.depends(o):

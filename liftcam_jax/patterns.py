@@ -15,6 +15,7 @@ primitives and variables (:data:`liftcam_jax.primitives.TABLE`).
 """
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple, Optional
 
 import jax
@@ -25,6 +26,7 @@ from .equations import bind, body_is_elementwise, classify, read_env
 from .primitives import sub_jaxpr
 
 __all__ = [
+    "Normalised",
     "Region",
     "check_output",
     "plan",
@@ -123,6 +125,56 @@ def _softmax_shift(e, dep, producer, readers, made) -> bool:
     return False
 
 
+_SCALE_STEPS = frozenset({"broadcast_in_dim", "reshape", "convert_element_type", "squeeze", "expand_dims",
+                          "copy", "copy_p", "mul", "div", "neg"})
+"""Steps a normaliser may pass through after its ``rsqrt`` / ``sqrt``: moves, casts, and (``mul``,
+``div``, ``neg``) scaling by input-independent values (a LayerNorm's scale ``gamma``)."""
+
+
+def _normaliser(v, root: str, producer, dep, size: int, depth=0) -> bool:
+    """Whether ``v`` is a normaliser: ``root`` (``rsqrt`` or ``sqrt``) of an input-dependent value
+    with fewer elements than ``size`` (one value per row, broadcast over the normalised axis),
+    then moved, cast or scaled by input-independent values (:data:`_SCALE_STEPS`)."""
+    e = producer.get(v)
+    if e is None or depth > 16:
+        return False
+    name = e.primitive.name
+    if name == root:
+        return math.prod(_shape(e.outvars[0])) < size
+    if name not in _SCALE_STEPS:
+        return False
+    deps = [u for u in e.invars if _is_var(u) and u in dep]
+    if len(deps) != 1 or (name == "div" and e.invars[0] is not deps[0]):
+        return False  # a product of two input-dependent values, or a reciprocal
+    return _normaliser(deps[0], root, producer, dep, size, depth + 1)
+
+
+def _normalised_operand(e, dep, producer) -> Optional[int]:
+    r"""The operand index of the normaliser when ``e`` normalises its other operand, else ``None``.
+
+    ``mul(u, s)`` / ``mul(s, u)`` with ``s`` a normaliser ending in ``rsqrt``, and ``div(u, s)``
+    with ``s`` one ending in ``sqrt`` (:func:`_normaliser`), both operands input-dependent and ``u``
+    not a normaliser itself: the :math:`(x - \mu)\,\mathrm{rsqrt}(\sigma^2 + \epsilon)\,\gamma`
+    of LayerNorm (Flax, NNX, Haiku, Equinox, ``jax.nn.standardize``) and RMSNorm, and the
+    hand-written ``(x - mu) / jnp.sqrt(var + eps)``.
+    """
+    name = e.primitive.name
+    if name not in ("mul", "div") or len(e.invars) != 2 or not all(_is_var(u) and u in dep for u in e.invars):
+        return None
+    size = math.prod(_shape(e.outvars[0]))
+    if name == "div":
+        return 1 if _normaliser(e.invars[1], "sqrt", producer, dep, size) else None
+    found = [k for k in (0, 1) if _normaliser(e.invars[k], "rsqrt", producer, dep, size)]
+    return found[0] if len(found) == 1 else None
+
+
+class Normalised(NamedTuple):
+    """A product whose operand ``index`` normalises the other (:func:`_normalised_operand`)."""
+
+    eqn: Any
+    index: int
+
+
 class Region(NamedTuple):
     """An elementwise region: its equations (in order) and the ``closed_call`` equation that runs them."""
 
@@ -160,6 +212,7 @@ class _Marks(NamedTuple):
     shift_subs: set  # softmax's own max-shift, sub(x, m) (JAX 0.11+)
     group: dict  # a position-wise equation -> the root of its region
     fuse: set  # the roots of the regions taken as a whole
+    normalised: dict  # a normalising product -> the operand index of its normaliser
 
     def fused(self, n) -> bool:
         """Whether equation ``n`` runs inside a region taken as a whole."""
@@ -184,7 +237,7 @@ def _mark(eqns, dep_vars, user) -> _Marks:
     of its own (:func:`_explained_alone`).
     """
     dep, touched = set(dep_vars), set(dep_vars)
-    producer, root, group, fuse, shifts, shift_subs = {}, {}, {}, set(), set(), set()
+    producer, root, group, fuse, shifts, shift_subs, normalised = {}, {}, {}, set(), set(), set(), {}
     readers, made = _uses(eqns)
     for n, e in enumerate(eqns):
         for v in e.outvars:
@@ -202,6 +255,11 @@ def _mark(eqns, dep_vars, user) -> _Marks:
         if _softmax_shift(e, dep, producer, readers, made):
             shift_subs.add(n)
             continue
+        if e.primitive.name not in user:
+            k = _normalised_operand(e, dep, producer)
+            if k is not None:
+                normalised[n] = k
+                continue
         if _positionwise(e, dvars, user):
             roots = {root.get(v, v) for v in dvars}
             if len(roots) == 1:
@@ -210,7 +268,7 @@ def _mark(eqns, dep_vars, user) -> _Marks:
                 root[e.outvars[0]] = r
                 if not _explained_alone(e, dep):
                     fuse.add(r)
-    return _Marks(touched, shifts, shift_subs, group, fuse)
+    return _Marks(touched, shifts, shift_subs, group, fuse, normalised)
 
 
 def _regions(eqns, outvars, marks: _Marks) -> dict:
@@ -234,7 +292,8 @@ def _regions(eqns, outvars, marks: _Marks) -> dict:
 def plan(eqns, outvars, dep_vars, user=()) -> list:
     r"""The order in which :func:`liftcam_jax.interpreter.forward` interprets ``eqns``: ``[(what, eqn_or_region)]``.
 
-    ``what`` is ``"eqn"`` (the equation's rule), ``"shift"`` or ``"region"``:
+    ``what`` is ``"eqn"`` (the equation's rule), ``"shift"``, ``"shift_sub"``, ``"region"``
+    or ``"normalised"``:
 
     * **Max-shifts.** ``jax.nn.softmax``, ``log_softmax`` and ``logsumexp``
       subtract ``stop_gradient(max(x))`` for floating-point range; the
@@ -266,6 +325,15 @@ def plan(eqns, outvars, dep_vars, user=()) -> list:
       comparison, a ``select_n`` on one). Otherwise its equations keep their
       own rules (a chain of secants is the secant of the chain).
 
+    * **Normalisers.** A LayerNorm's or RMSNorm's
+      :math:`u \cdot \mathrm{rsqrt}(\sigma^2 + \epsilon)\,\gamma` (or
+      :math:`u / \sqrt{\sigma^2 + \epsilon}`) is a product of two
+      input-dependent values where one, the normaliser, is a function of
+      one statistic per row (:func:`_normalised_operand`): ``"normalised"``
+      (a :class:`Normalised`), for the table's ``"normaliser"`` rule
+      (:func:`liftcam_jax.rescale_rules.normaliser_rule`); a table without
+      one uses its product rule.
+
     Equations that read nothing computed from the input come first (their
     order among themselves kept), then the others in order, a fused region at
     its first member's place (its constant operands are ready then, and every
@@ -283,6 +351,8 @@ def plan(eqns, outvars, dep_vars, user=()) -> list:
             items.append(("shift", e))
         elif n in marks.shift_subs:
             items.append(("shift_sub", e))
+        elif n in marks.normalised:
+            items.append(("normalised", Normalised(e, marks.normalised[n])))
         elif any(v in marks.touched for v in e.outvars):
             items.append(("eqn", e))
         else:

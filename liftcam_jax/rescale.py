@@ -280,6 +280,7 @@ _TABLE = interpreter.RuleTable(
         "elementwise": _elementwise_rule,
         "chooser": _chooser_rule,
         "product": rescale_rules.product_rule,
+        "normaliser": rescale_rules.normaliser_rule,
     },
     _call,
     primal=lambda v: v.val if isinstance(v, _Pair) else v,

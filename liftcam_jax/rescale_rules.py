@@ -74,22 +74,39 @@ same attributions. Likewise :math:`\log \sum_j e^{x_j - s} + s`
 maxima, :math:`s = \max(m, m')`, so that :math:`e^{x - s} \le 1` at both
 points (no overflow).
 
-**LayerNorm and RMSNorm** need no rule of their own: the mean is linear, the
-variance a square (one input) and a sum, ``rsqrt`` an elementwise function of
-one value, and :math:`(x - \mu) \cdot \mathrm{rsqrt}(\sigma^2 + \epsilon)` a
-product of two input-dependent values (the bilinear rule). *Conditioning:*
-where a LayerNorm's input is constant at the reference (zero tokens, the
-default reference), its variance there is 0 and
-:math:`b' = \mathrm{rsqrt}(\epsilon) = 10^3` for :math:`\epsilon = 10^{-6}`
-while :math:`a' = 0`: the two Shapley terms are
-:math:`\tfrac12 a (b + b')` and :math:`\tfrac12 a (b - b')`, each about
-:math:`1/(2\sqrt\epsilon)` times the result, and cancel. The sum stays exact
-in exact arithmetic, but each such LayerNorm multiplies the rounding error by
-about :math:`1/(2\sqrt\epsilon)`: one costs float32 about three digits (a
-pre-norm block with real biases keeps summation-to-delta within
-:math:`10^{-3}`); several in series, all at a zero-variance reference (freshly
-initialised zero biases), lose float32 entirely, and float64 keeps about 9
-digits. Explain in float64 there, or take a reference that is not constant. **GELU, SiLU** and
+**LayerNorm and RMSNorm.** The mean is linear, the variance a square (one
+input) and a sum, ``rsqrt`` an elementwise function of one value; what remains
+is the product :math:`u\,s` of the centred input :math:`u = x - \mu` and the
+*normaliser* :math:`s = \mathrm{rsqrt}(\sigma^2 + \epsilon)\,\gamma`, a function
+of one statistic per row (found on the jaxpr: :func:`liftcam_jax.patterns.plan`,
+``"normalised"``). The two factors are not independent players: :math:`s` is
+a function of :math:`u`. Their Shapley split would go through the state
+:math:`(u, s')`, the input's centred values under the reference's normaliser,
+which the normalisation cannot produce. Where the reference row is constant
+(zero tokens, the default reference; zero biases) :math:`\sigma'^2 = 0` and
+:math:`s' = \gamma/\sqrt\epsilon = 10^3\gamma` for :math:`\epsilon = 10^{-6}`,
+so the two Shapley terms :math:`\tfrac12 u (s + s')` and
+:math:`\tfrac12 u (s - s')` are each about :math:`1/(2\sqrt\epsilon)` times the
+result and cancel: coefficients that scale as :math:`1/\sqrt\epsilon`, and each
+such LayerNorm multiplies the rounding error by as much (measured before this
+rule: summation-to-delta 1.8e-2 relative in float64 through six LayerNorms).
+So the normaliser moves first (:func:`normaliser_rule`),
+
+.. math::  \Delta(u\,s) = s\,\Delta u + u'\,\Delta s,
+
+the ordering of the two-player game in which :math:`s` changes while :math:`u`
+is at the reference: exact for every reference, and continuous in it. Where
+the reference row is constant, :math:`u' = 0`, and the whole difference goes
+to :math:`u` with the normaliser held at the input's value: LayerNorm's rule
+in Ali et al. (ICML 2022, "XAI for Transformers: better explanations through
+conservative propagation") and in AttnLRP (Achtibat et al., ICML 2024), which
+take the normaliser as a constant. Its terms are of the size of the output's
+whenever the reference row varies less than the input's (:math:`s \le s'`
+gives :math:`|u' s| \le |u' s'|`). A hand-written
+``(x - mu) / jnp.sqrt(var + eps)`` takes the same ordering,
+:math:`\Delta(u/s) = \Delta u / s - u' \Delta s / (s\,s')`. A softmax's
+division by its own sum is not a normaliser (no square root): the quotient
+rule above. **GELU, SiLU** and
 any elementwise function of one value however it is written are one secant as a
 whole (elementwise regions, :func:`liftcam_jax.patterns.plan`;
 :func:`secant` here).
@@ -108,7 +125,7 @@ import jax.numpy as jnp
 
 from . import equations, primitives
 
-__all__ = ["Pair", "Zeros", "ref", "secant", "product_rule", "shift"]
+__all__ = ["Pair", "Zeros", "ref", "secant", "product_rule", "normaliser_rule", "shift"]
 
 
 class Pair(NamedTuple):
@@ -211,6 +228,40 @@ def product_rule(eqn, ins, dep_idx, ctx):
     if primitives.facts(eqn.primitive.name).product == "quotient":
         return _quotient(eqn, ins, dep_idx, ctx.eps)
     return _bilinear(eqn, ins, dep_idx)
+
+
+def normaliser_rule(eqn, ins, dep_idx, ctx, index):
+    r"""The rule of a normalisation, :math:`u \cdot s` or :math:`u / s` with ``s`` (operand ``index``) the normaliser.
+
+    The normaliser's ordering of the two-player game (module docstring, "LayerNorm and RMSNorm"):
+
+    .. math::  \Delta(u s) = s\,\Delta u + u'\,\Delta s, \qquad
+               \Delta\frac{u}{s} = \frac{\Delta u}{s} - \frac{u'}{s\,s'}\,\Delta s,
+
+    the product's linearisation at :math:`(u', s)` (``jax.linearize``, so any broadcasting is
+    JAX's), and the reciprocal's exact secant for the quotient.
+    """
+    ctx.nonlinear.append(primitives.label(eqn))
+    k = index  # both operands are input-dependent: dep_idx == [0, 1]
+    pairs = [ins[i] for i in dep_idx]
+    u, s = pairs[1 - k], pairs[k]
+    if primitives.facts(eqn.primitive.name).product == "quotient":
+        (out,) = equations.bind(eqn, [u.val, s.val])
+        u_r, s_r = ref(u), ref(s)
+        (out_r,) = equations.bind(eqn, [u_r, s_r])
+        shape = tuple(eqn.outvars[0].aval.shape)
+        coef_u, coef_s = 1 / s.val, -u_r / (s.val * s_r)
+        return [Pair(out, out_r)], lambda du, ds: [jnp.broadcast_to(coef_u * du + coef_s * ds, shape)]
+    f = equations.eqn_fn(eqn, ins, dep_idx)
+    point = [None, None]
+    point[k], point[1 - k] = s.val, ref(u)
+    vals = f(*(p.val for p in pairs))
+    if isinstance(u.ref, Zeros):
+        refs = [Zeros(tuple(v.aval.shape), v.aval.dtype) for v in eqn.outvars]  # 0 * s' = 0
+    else:
+        refs = f(*(ref(p) for p in pairs))
+    _, lin = jax.linearize(f, *point)
+    return [Pair(v, r) for v, r in zip(vals, refs)], lambda *d: list(lin(*d))
 
 
 def shift(u: Pair):

@@ -238,6 +238,54 @@ def test_layer_norms_keep_summation_to_delta(x64, norm):
     assert "rsqrt" in lin.nonlinear
 
 
+def test_a_normalisation_moves_its_normaliser_first(x64):
+    """LayerNorm's (x - mu) * rsqrt(var + eps) * gamma is a product whose second factor is a function of
+    the first (patterns: "normalised"): the normaliser moves first, Delta(u s) = s Delta u + u' Delta s.
+    At the zero reference u' = 0, so a readout c of a LayerNorm has the closed form
+    x * rsqrt(var + eps) * (c gamma - mean(c gamma)) (the normaliser held at the input's value), whatever
+    eps (the Shapley split gave coefficients of size 1 / sqrt(eps)); Flax's LayerNorm, jax.nn.standardize
+    and a hand-written (x - mu) / sqrt(var + eps) have the same attributions at any reference."""
+    x, r = _normal(0, (3, 8)), 0.5 * _normal(1, (3, 8))
+    gamma, c = 1.0 + 0.3 * _normal(2, (8,)), _normal(3, (8,))
+    forms = {
+        "linen": lambda eps: lambda z: nn.LayerNorm(epsilon=eps).apply(
+            {"params": {"scale": gamma, "bias": jnp.zeros(8)}}, z) @ c,
+        "standardize": lambda eps: lambda z: (jax.nn.standardize(z, epsilon=eps) * gamma) @ c,
+        "by hand": lambda eps: lambda z: ((z - z.mean(-1, keepdims=True)) / jnp.sqrt(z.var(-1, keepdims=True) + eps)
+                                          * gamma) @ c,
+    }
+    for eps in (1e-12, 1e-6):
+        cg = c * gamma
+        want = x * jax.lax.rsqrt(x.var(-1, keepdims=True) + eps) * (cg - cg.mean())
+        for name, form in forms.items():
+            lin = linearize(form(eps), x)
+            got = lin.transpose(jnp.ones(3)) * x
+            np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12, err_msg=f"{name} eps={eps}")
+    at_r = {name: linearize(form(1e-6), x, r) for name, form in forms.items()}
+    for name, lin in at_r.items():
+        assert _rel_delta(lin, x, r) < 1e-12, name
+        np.testing.assert_allclose(lin.transpose(jnp.ones(3)), at_r["linen"].transpose(jnp.ones(3)), rtol=1e-9,
+                                   err_msg=name)
+    # not the Shapley split of the two factors (a user's rule for mul takes precedence: the README's)
+    def shapley(xs, refs, **params):
+        (a, b), (ar, br) = xs, refs
+        if a is ar or b is br:
+            return None
+        return a * b, ar * br, lambda da, db: (b + br) / 2 * da + (a + ar) / 2 * db
+
+    rescale.register_rule(jax.lax.mul_p, shapley)
+    try:
+        split = linearize(forms["linen"](1e-6), x, r)
+        zero = linearize(forms["linen"](1e-6), x)
+    finally:
+        rescale.register_rule(jax.lax.mul_p, None)
+    assert _rel_delta(split, x, r) < 1e-9
+    ours, theirs = at_r["linen"].transpose(jnp.ones(3)), split.transpose(jnp.ones(3))
+    assert float(jnp.max(jnp.abs(ours - theirs))) > 1e-2 * float(jnp.max(jnp.abs(ours)))
+    # ... whose coefficients at the zero reference are about 1 / (2 sqrt(eps)) = 500 times the closed form's
+    assert float(jnp.max(jnp.abs(zero.transpose(jnp.ones(3)) * x))) > 100 * float(jnp.max(jnp.abs(want)))
+
+
 class Block(nn.Module):
     """A pre-norm ViT block on tokens (B, N, D), a final LayerNorm and a Dense on the mean token."""
 
