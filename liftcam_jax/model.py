@@ -136,7 +136,7 @@ class Classifier:
 
         Not op by op: run eagerly, JAX compiles each operation of the network on its first call,
         about ten times the cost of compiling the whole forward pass once."""
-        return _compiled_forward(self.split)(self.params, x)
+        return compiled_forward(self.split)(self.params, x)
 
     def class_name(self, index: int) -> str:
         if self.class_names is not None and 0 <= int(index) < len(self.class_names):
@@ -145,7 +145,7 @@ class Classifier:
 
 
 @functools.lru_cache(maxsize=16)
-def _compiled_forward(split: Split) -> Callable:
+def compiled_forward(split: Split) -> Callable:
     """``jax.jit`` of ``split(params, x)``, params an argument (one per split; a Split is hashable)."""
     import jax
 

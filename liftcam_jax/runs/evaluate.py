@@ -48,6 +48,7 @@ from .. import methods as _methods
 from .. import metrics as M
 from ..data import DataOptions, ItemError, open_labelled
 from ..errors import UsageError, positive_int
+from ..model import compiled_forward
 from ..results import COLUMNS, Results, aggregate, cosine_ceiling, finite
 from .folder import RunFolder
 from .loop import (Entry, Progress, compiled_step, configure, label_class, label_classes, num_classes,
@@ -435,7 +436,7 @@ class _Evaluator:
         self.compile_s: Dict[str, float] = {}
         self.fractions = None
         self.devices = tuple(jax.local_devices()[:1])
-        self.logits_fn = jax.jit(lambda p, x: classifier.split(p, x))
+        self.logits_fn = compiled_forward(classifier.split)  # the one Classifier.logits uses
         self.features_fn = jax.jit(classifier.split.features)
         self._shap_fn = None
         self.progress = Progress(sum(len(v) for v in todo.values()), "evaluate", "image x method", cfg.quiet, stream)
