@@ -45,13 +45,18 @@ depends on the input, then a reverse pass applies one rule per equation:
 * calls (``jit``, ``custom_vjp``, non-elementwise ``custom_jvp``, ...):
   interpreted recursively.
 
+* LayerNorm's and RMSNorm's normalisation (:func:`liftcam_jax.patterns.plan`,
+  ``"normalised"``): AttnLRP's LayerNorm rule (Achtibat et al., "AttnLRP:
+  Attention-Aware Layer-Wise Relevance Propagation for Transformers", ICML
+  2024; Ali et al., ICML 2022), the normaliser a constant
+  (:func:`_normaliser_rule`).
+
 A softmax or log-softmax at the head's output is refused with the advice to
-explain the logits (:func:`liftcam_jax.patterns.check_output`). A product
-or quotient of two input-dependent values (``mul``, ``dot_general`` and
-``div`` in attention and LayerNorm) raises :class:`NoRelevanceRule` naming the
-primitive: relevance through them needs AttnLRP's rules (Achtibat et al.,
-"AttnLRP: Attention-Aware Layer-Wise Relevance Propagation for Transformers",
-ICML 2024), not implemented here; so does anything else that depends on the
+explain the logits (:func:`liftcam_jax.patterns.check_output`). Any other
+product or quotient of two input-dependent values (``mul``, ``dot_general`` and
+``div`` in attention) raises :class:`NoRelevanceRule` naming the primitive:
+relevance through them needs AttnLRP's other rules (uniform products, its
+softmax rule), not implemented here; so does anything else that depends on the
 input (a data-dependent index).
 
 *Per-equation versus per-module epsilon.* Captum applies the rule once per
@@ -153,10 +158,31 @@ def _pass_through_rule(eqn, ins, dep_idx, ctx):
 
 def _product_refusal(eqn, ins, dep_idx, ctx):
     raise NoRelevanceRule(
-        f"no LRP rule for {primitives.label(eqn)!r} of two input-dependent values (attention's and "
-        "normalisation's products need AttnLRP's rules, Achtibat et al., ICML 2024, which this "
-        "library does not implement; use lift-cam, or register a rule with liftcam_jax.lrp.register_rule)"
+        f"no LRP rule for {primitives.label(eqn)!r} of two input-dependent values (attention's "
+        "products and softmax need AttnLRP's rules, Achtibat et al., ICML 2024, of which this "
+        "library implements the LayerNorm rule only; use lift-cam, or register a rule with "
+        "liftcam_jax.lrp.register_rule)"
     )
+
+
+def _normaliser_rule(eqn, ins, dep_idx, ctx, index):
+    r"""AttnLRP's LayerNorm rule: the normaliser (operand ``index``) is a constant.
+
+    :math:`z = u\,s` (or :math:`u / s`) with :math:`s` the normaliser
+    (:func:`liftcam_jax.patterns.plan`, ``"normalised"``) takes the epsilon
+    rule of a product with a constant, :math:`R_u = u \odot s\,R_z / \mathrm{stab}(z)
+    \approx R_z`, and :math:`R_s = 0` (Ali et al., ICML 2022; Achtibat et al.,
+    ICML 2024).
+    """
+    other = dep_idx[1 - index]
+    outs, back = _epsilon_rule(eqn, ins, [other], ctx)
+
+    def step(rs):
+        rel = [None, None]
+        rel[1 - index], rel[index] = back(rs)[0], jnp.zeros_like(ins[dep_idx[index]])
+        return rel
+
+    return outs, step
 
 
 def _call(jaxpr, consts, ins, dep_idx, ctx):
@@ -230,6 +256,7 @@ _TABLE = interpreter.RuleTable(
         "elementwise": _pass_through_rule,
         "chooser": _epsilon_rule,
         "product": _product_refusal,
+        "normaliser": _normaliser_rule,
     },
     _call,
 )

@@ -286,6 +286,25 @@ def test_a_normalisation_moves_its_normaliser_first(x64):
     assert float(jnp.max(jnp.abs(zero.transpose(jnp.ones(3)) * x))) > 100 * float(jnp.max(jnp.abs(want)))
 
 
+def test_lrp_takes_attnlrps_layer_norm_rule():
+    """LRP through a LayerNorm holds the normaliser constant (AttnLRP's LayerNorm rule): for a readout c
+    of Flax's LayerNorm (zero bias) the relevance is x * rsqrt(var + eps) * (c gamma - mean(c gamma)),
+    the centring passing relevance by the epsilon rule; the same for a hand-written division."""
+    x = jax.random.normal(jax.random.PRNGKey(0), (3, 8))
+    gamma = 1.0 + 0.3 * jax.random.normal(jax.random.PRNGKey(2), (8,))
+    c = jax.random.normal(jax.random.PRNGKey(3), (8, 1))
+    cg = c[:, 0] * gamma
+    want = x * jax.lax.rsqrt(x.var(-1, keepdims=True) + 1e-6) * (cg - cg.mean())
+    forms = {
+        "linen": lambda z: nn.LayerNorm().apply({"params": {"scale": gamma, "bias": jnp.zeros(8)}}, z) @ c,
+        "by hand": lambda z: (z - z.mean(-1, keepdims=True)) / jnp.sqrt(z.var(-1, keepdims=True) + 1e-6) * gamma @ c,
+    }
+    for name, f in forms.items():
+        r = lrp.lrp(f, x, 0)
+        np.testing.assert_allclose(r.attributions, want, rtol=1e-4, atol=1e-5, err_msg=name)
+        np.testing.assert_allclose(r.attributions.sum(-1), f(x)[:, 0], rtol=1e-4, atol=1e-5)
+
+
 class Block(nn.Module):
     """A pre-norm ViT block on tokens (B, N, D), a final LayerNorm and a Dense on the mean token."""
 
