@@ -57,8 +57,20 @@ class SmoothHead(nn.Module):
         return nn.Dense(7)(jax.nn.softplus(a) * 3.0)
 
 
+_MADE = {}
+
+
 def make(head, features=None, size=16, batch=3, seed=0):
+    """``(split, params, x)``, built once per configuration (its arrays are immutable; the init
+    program takes seconds to compile)."""
     f = features or Features()
+    key = (repr(head), repr(f), size, batch, seed)
+    if key not in _MADE:
+        _MADE[key] = _make(head, f, size, batch, seed)
+    return _MADE[key]
+
+
+def _make(head, f, size, batch, seed):
 
     @jax.jit  # one program (eagerly, each initialiser op compiles a program of its own)
     def init():
