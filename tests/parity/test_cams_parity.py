@@ -183,6 +183,34 @@ def test_shapley_cam_rest(pair, batch224):
     assert err < TOL, f"shapley-cam rest: max abs error {err:.2e}"
 
 
+@pytest.mark.parametrize("score", ["logit", "rest"])
+def test_cli_shapley_cam_is_pytorch_grad_cams(pair, batch224, score, tmp_path, capsys):
+    """``liftcam-jax explain X.npy --model resnet50|vgg16 --weights W --method shapley-cam
+    [--score rest]``: the predicted class (pytorch-grad-cam's default target), its ShapleyCAM with
+    ``ClassifierOutputTarget`` / ``ClassifierOutputReST`` on the same weights (a torchvision
+    state dict file), map by map."""
+    from liftcam_jax.cli import main
+
+    x, _ = batch224
+    targets = [int(t) for t in pair.logits(x).argmax(1)]
+    target_class = ClassifierOutputReST if score == "rest" else ClassifierOutputTarget
+    ref = reference(pgc.ShapleyCAM, pair.torch, pair.layer, to_torch(x), targets, target_class)
+    assert np.all(ref.max(axis=(1, 2)) > 0.99)
+    weights = tmp_path / f"{pair.flax.name}.pth"
+    torch.save(pair.torch.state_dict(), weights)
+    np.save(tmp_path / "x.npy", x)
+    rc = main(["explain", str(tmp_path / "x.npy"), "--model", pair.flax.name, "--weights", str(weights),
+               "--method", "shapley-cam", "--score", score, "--out", str(tmp_path / "out"), "--save", "raw",
+               "--quiet"], zoo=models)
+    assert rc == 0, capsys.readouterr().err
+    for i in range(len(x)):
+        z = np.load(tmp_path / "out" / f"x_{i}.npz")
+        assert int(z["target"]) == targets[i]
+        err = np.abs(z["map"] - ref[i]).max()
+        print(f"\nCLI {pair.flax.name} shapley-cam --score {score}, image {i}: max abs error {err:.2e}")
+        assert err < 1e-3
+
+
 @pytest.fixture(scope="module")
 def half_pixel_score_cam():
     """pytorch-grad-cam's ScoreCAM with half-pixel upsampling (the one documented difference)."""
