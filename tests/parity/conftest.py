@@ -34,6 +34,20 @@ def relative_error(ours, theirs) -> float:
     return float(np.max(np.abs(ours - theirs)) / max(np.max(np.abs(theirs)), 1e-30))
 
 
+def cli_maps(tmp_path, x, model: str, weights, *options):
+    """``liftcam-jax explain X.npy --model MODEL --weights W OPTIONS --save raw``: the ``(target, map)``
+    of each image, read back from the npz files the command wrote."""
+    import models
+    from liftcam_jax.cli import main
+
+    np.save(tmp_path / "x.npy", x)
+    out = tmp_path / "out"
+    rc = main(["explain", str(tmp_path / "x.npy"), "--model", model, "--weights", str(weights), *options,
+               "--out", str(out), "--save", "raw", "--quiet"], zoo=models)
+    assert rc == 0, f"explain exited with {rc}"
+    return [(int(z["target"]), z["map"]) for z in (np.load(out / f"x_{i}.npz") for i in range(len(x)))]
+
+
 def randomize_torch_model(model, seed: int = 0):
     """Random biases, BatchNorm statistics/affine parameters and LayerNorm affine parameters, in
     place; returns ``model``."""

@@ -46,6 +46,7 @@ from liftcam_jax.explanation import Attribution, from_attribution, normalize  # 
 from pytorch_grad_cam.ablation_layer import AblationLayer  # noqa: E402
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputReST, ClassifierOutputTarget  # noqa: E402
 from pytorch_grad_cam.utils.svd_on_activations import get_2d_projection  # noqa: E402
+from conftest import cli_maps  # noqa: E402
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
@@ -184,13 +185,11 @@ def test_shapley_cam_rest(pair, batch224):
 
 
 @pytest.mark.parametrize("score", ["logit", "rest"])
-def test_cli_shapley_cam_is_pytorch_grad_cams(pair, batch224, score, tmp_path, capsys):
+def test_cli_shapley_cam_is_pytorch_grad_cams(pair, batch224, score, tmp_path):
     """``liftcam-jax explain X.npy --model resnet50|vgg16 --weights W --method shapley-cam
     [--score rest]``: the predicted class (pytorch-grad-cam's default target), its ShapleyCAM with
     ``ClassifierOutputTarget`` / ``ClassifierOutputReST`` on the same weights (a torchvision
     state dict file), map by map."""
-    from liftcam_jax.cli import main
-
     x, _ = batch224
     targets = [int(t) for t in pair.logits(x).argmax(1)]
     target_class = ClassifierOutputReST if score == "rest" else ClassifierOutputTarget
@@ -198,15 +197,10 @@ def test_cli_shapley_cam_is_pytorch_grad_cams(pair, batch224, score, tmp_path, c
     assert np.all(ref.max(axis=(1, 2)) > 0.99)
     weights = tmp_path / f"{pair.flax.name}.pth"
     torch.save(pair.torch.state_dict(), weights)
-    np.save(tmp_path / "x.npy", x)
-    rc = main(["explain", str(tmp_path / "x.npy"), "--model", pair.flax.name, "--weights", str(weights),
-               "--method", "shapley-cam", "--score", score, "--out", str(tmp_path / "out"), "--save", "raw",
-               "--quiet"], zoo=models)
-    assert rc == 0, capsys.readouterr().err
-    for i in range(len(x)):
-        z = np.load(tmp_path / "out" / f"x_{i}.npz")
-        assert int(z["target"]) == targets[i]
-        err = np.abs(z["map"] - ref[i]).max()
+    got = cli_maps(tmp_path, x, pair.flax.name, weights, "--method", "shapley-cam", "--score", score)
+    for i, (target, m) in enumerate(got):
+        assert target == targets[i]
+        err = np.abs(m - ref[i]).max()
         print(f"\nCLI {pair.flax.name} shapley-cam --score {score}, image {i}: max abs error {err:.2e}")
         assert err < 1e-3
 

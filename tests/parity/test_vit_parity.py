@@ -28,6 +28,7 @@ import models  # noqa: E402
 from models.checkpoints import save_safetensors  # noqa: E402
 from models.convert import from_torch, to_torch, torch_keys  # noqa: E402
 from models.vit import ViTConfig, vision_transformer  # noqa: E402
+from conftest import cli_maps  # noqa: E402
 
 torch.set_num_threads(2)
 TOL = 1e-4
@@ -235,20 +236,13 @@ def test_grad_cam_on_vit_tiny_at_blocks_10_is_pytorch_grad_cams(grad_cam_vit):
     assert err < 1e-3
 
 
-def test_cli_grad_cam_on_vit_tiny_at_blocks_10_is_pytorch_grad_cams(grad_cam_vit, tmp_path, capsys):
+def test_cli_grad_cam_on_vit_tiny_at_blocks_10_is_pytorch_grad_cams(grad_cam_vit, tmp_path):
     """``liftcam-jax explain X.npy --model vit_tiny_patch16_224 --weights W --layer blocks.10
     --method grad-cam`` (the predicted class, as pytorch-grad-cam's default target)."""
-    from liftcam_jax.cli import main
-
     weights, x, targets, _, ref = grad_cam_vit
-    np.save(tmp_path / "x.npy", x)
-    rc = main(["explain", str(tmp_path / "x.npy"), "--model", "vit_tiny_patch16_224", "--weights", str(weights),
-               "--layer", "blocks.10", "--method", "grad-cam", "--out", str(tmp_path / "out"), "--save", "raw",
-               "--quiet"], zoo=models)
-    assert rc == 0, capsys.readouterr().err
-    for i in range(len(x)):
-        z = np.load(tmp_path / "out" / f"x_{i}.npz")
-        assert int(z["target"]) == targets[i]
-        err = np.abs(z["map"] - ref[i]).max()
+    got = cli_maps(tmp_path, x, "vit_tiny_patch16_224", weights, "--layer", "blocks.10", "--method", "grad-cam")
+    for i, (target, m) in enumerate(got):
+        assert target == targets[i]
+        err = np.abs(m - ref[i]).max()
         print(f"\nCLI vit_tiny blocks.10 grad-cam image {i}: max abs error {err:.2e}")
         assert err < 1e-3
